@@ -1,0 +1,144 @@
+"""The `clickhouse-etl` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from clickhouse_etl.settings import Settings, SettingsError, load_settings
+
+
+def _stack(settings: Settings, args: argparse.Namespace) -> int:
+    from clickhouse_etl import stack
+
+    if args.action == "up":
+        stack.stack_up(settings)
+    elif args.action == "down":
+        stack.stack_down(settings)
+    else:
+        statuses = stack.stack_status(settings)
+        for status in statuses:
+            answer = "answering" if status.answers else "NOT answering"
+            print(f"{status.name:<10} {status.address:<45} {answer:<14} {status.detail}")
+        return 0 if all(status.answers for status in statuses) else 1
+    return 0
+
+
+def _seed(settings: Settings, args: argparse.Namespace) -> int:
+    from clickhouse_etl import demo_data
+
+    count = demo_data.seed_campaigns(settings, args.campaigns)
+    print(f"seeded {count} campaigns into PostgreSQL table campaigns")
+    return 0
+
+
+def _produce(settings: Settings, args: argparse.Namespace) -> int:
+    from clickhouse_etl import demo_data
+
+    shares = demo_data.EventShares(
+        duplicate=args.duplicates,
+        duplicate_other_partition=args.duplicates_other_partition,
+        bot=args.bots,
+        unknown_ad=args.unknown_ads,
+        malformed=args.malformed,
+        late=args.late,
+        ipv6=args.ipv6,
+        numeric_string=args.numeric_strings,
+        extra_field=args.extra_fields,
+    )
+    topic = args.topic or settings.topic
+    if args.rate:
+        report = demo_data.produce_steady(
+            settings,
+            topic,
+            rate=args.rate,
+            duration=args.duration,
+            shares=shares,
+            campaigns=args.campaigns,
+            partitions=args.partitions,
+        )
+    else:
+        report = demo_data.produce_count(
+            settings,
+            topic,
+            count=args.count,
+            shares=shares,
+            campaigns=args.campaigns,
+            partitions=args.partitions,
+            seed=args.seed,
+        )
+    print(report.describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clickhouse-etl", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    stack = commands.add_parser("stack", help="start, stop or check the local services")
+    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.set_defaults(handler=_stack)
+
+    seed = commands.add_parser("seed", help="load demo campaigns into PostgreSQL")
+    seed.add_argument("--campaigns", type=int, default=100)
+    seed.set_defaults(handler=_seed)
+
+    produce = commands.add_parser("produce", help="write realistic ad-click JSON to the topic")
+    produce.add_argument("--topic", help="default: the topic setting")
+    produce.add_argument("--count", type=int, default=100_000, help="events to produce (default 100000)")
+    produce.add_argument("--rate", type=float, help="produce at this many events/s instead of a count")
+    produce.add_argument("--duration", type=float, default=60.0, help="seconds to produce at --rate")
+    produce.add_argument("--partitions", type=int, nargs="*", help="partitions to write (default: all)")
+    produce.add_argument("--campaigns", type=int, default=100, help="ad ids 1..N are known campaigns")
+    produce.add_argument("--seed", type=int, help="random seed for reproducible data")
+    defaults = _default_shares()
+    for flag, share in defaults.items():
+        produce.add_argument(
+            f"--{flag}", type=float, default=share, metavar="SHARE", help=f"share of events (default {share})"
+        )
+    produce.set_defaults(handler=_produce)
+    return parser
+
+
+def _default_shares() -> dict[str, float]:
+    from clickhouse_etl.demo_data import EventShares
+
+    defaults = EventShares()
+    return {
+        "duplicates": defaults.duplicate,
+        "duplicates-other-partition": defaults.duplicate_other_partition,
+        "bots": defaults.bot,
+        "unknown-ads": defaults.unknown_ad,
+        "malformed": defaults.malformed,
+        "late": defaults.late,
+        "ipv6": defaults.ipv6,
+        "numeric-strings": defaults.numeric_string,
+        "extra-fields": defaults.extra_field,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        print(f"clickhouse-etl: {error}", file=sys.stderr)
+        return 2
+    handler: Callable[[Settings, argparse.Namespace], int] = args.handler
+    try:
+        return handler(settings, args)
+    except SettingsError as error:
+        print(f"clickhouse-etl: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # the command line prints a clear message, not a traceback
+        from clickhouse_etl.stack import StackError
+
+        if isinstance(error, StackError):
+            print(f"clickhouse-etl: {error}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

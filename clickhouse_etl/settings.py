@@ -1,0 +1,244 @@
+"""The one settings surface of clickhouse-etl.
+
+Connections come from the conventional variables (`KAFKA_BOOTSTRAP_SERVERS`, `REDIS_URL`, `POSTGRES_DSN`,
+`CLICKHOUSE_DSN`, `DAGSTER_HOME`) and default to the local stack. Every other setting is a field below and
+can be given as `CLICKHOUSE_ETL_<NAME>` (e.g. `CLICKHOUSE_ETL_TOPIC`). A wrong value fails fast with an
+error that names the setting and the variable it came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "CLICKHOUSE_ETL_"
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+# Connection fields read from their conventional variable names, not from the CLICKHOUSE_ETL_ prefix.
+CONNECTION_VARIABLES = {
+    "kafka_bootstrap_servers": "KAFKA_BOOTSTRAP_SERVERS",
+    "redis_url": "REDIS_URL",
+    "postgres_dsn": "POSTGRES_DSN",
+    "clickhouse_dsn": "CLICKHOUSE_DSN",
+    "dagster_home": "DAGSTER_HOME",
+}
+
+
+class SettingsError(ValueError):
+    """A setting has a wrong value; the message names the setting and its environment variable."""
+
+
+CONNECTION_VARIABLES_REVERSED = {v: k for k, v in CONNECTION_VARIABLES.items()}
+
+
+def _split_list(value: Any) -> Any:
+    """Lists come from the environment as JSON (`["a","b"]`) or comma-separated text (`a,b`)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the pipeline, the local stack and the demo data."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True, validate_default=True
+    )
+
+    # --- connections (conventional variable names; local stack defaults) ---
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092", validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers")
+    )
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "redis_url"))
+    postgres_dsn: str = Field(
+        default="postgresql://postgres@127.0.0.1:5432/clickhouse_etl",
+        validation_alias=AliasChoices("POSTGRES_DSN", "postgres_dsn"),
+    )
+    clickhouse_dsn: str = Field(
+        default="",
+        validation_alias=AliasChoices("CLICKHOUSE_DSN", "clickhouse_dsn"),
+        description="chdb://<dir> for embedded chDB (default: <data_dir>/clickhouse) or http(s)://… for a server",
+    )
+    dagster_home: str = Field(default="", validation_alias=AliasChoices("DAGSTER_HOME", "dagster_home"))
+    kafka_config: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra librdkafka settings passed through (SASL/TLS), as a JSON object",
+    )
+
+    # --- where things live ---
+    data_dir: Path = Field(default=Path(".data"), description="Folder for the local stack's data and logs")
+    cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "clickhouse-etl",
+        description="Folder for downloaded Kafka jars, reused across data folders",
+    )
+
+    # --- the pipeline ---
+    topic: str = Field(default="ad_clicks", description="Kafka topic holding the click events")
+    topic_partitions: int = Field(default=3, ge=1, le=1000, description="Partitions of a topic the stack creates")
+    consumer_group: str = Field(default="clickhouse-etl", description="Group id committed for lag tools")
+    start_position: str = Field(
+        default="earliest", description="Where a topic new to the pipeline starts: earliest | latest"
+    )
+    dedup_ttl_seconds: int = Field(default=86_400, gt=0, description="How long a click_id claim lives in Redis")
+    dedup_key_prefix: str = Field(default="ce:dedup", min_length=1, description="Prefix of the Redis claim keys")
+    filter_cidrs: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["192.168.1.0/24"],
+        description="Clicks from these networks (IPv4 or IPv6) are dropped; comma-separated or JSON",
+    )
+    missing_campaign_policy: Literal["keep", "drop", "dead_letter"] = Field(
+        default="keep", description="What happens to a click whose ad_id is not in the campaigns snapshot"
+    )
+    max_message_bytes: int = Field(
+        default=65_536, ge=64, description="Larger Kafka values are dead-lettered as oversized"
+    )
+    max_records_per_run: int = Field(default=1_000_000, ge=1, description="Largest offset range one run processes")
+    max_batch_wait_seconds: float = Field(
+        default=5.0, ge=0, description="A tail smaller than a full range is flushed once it waited this long"
+    )
+    sensor_interval_seconds: int = Field(default=5, ge=1, description="Minimum seconds between sensor ticks")
+    kafka_fetch_batch: int = Field(default=100_000, ge=1, description="Messages fetched per consume() call")
+    clickhouse_database: str = Field(default="analytics", description="ClickHouse database of the tables")
+    clickhouse_dedup_window: int = Field(
+        default=10_000, ge=1, description="Insert blocks remembered per table for insert deduplication"
+    )
+    clickhouse_lock_timeout_seconds: float = Field(
+        default=300.0, gt=0, description="How long to wait for the embedded ClickHouse store held elsewhere"
+    )
+    aggregation_window: Literal["minute", "hour"] = Field(
+        default="minute", description="Window of the pre-aggregated campaign stats"
+    )
+
+    # --- the local stack ---
+    kafka_version: str = Field(default="4.1.1", description="Apache Kafka broker version the stack runs")
+    kafka_heap: str = Field(default="768m", description="JVM heap (-Xmx) of the local Kafka broker")
+
+    @field_validator("filter_cidrs", mode="before")
+    @classmethod
+    def _parse_cidrs(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("filter_cidrs")
+    @classmethod
+    def _check_cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as error:
+                raise ValueError(f"{cidr!r} is not an IPv4 or IPv6 network: {error}") from None
+        return value
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        if not TOPIC_NAME.match(value):
+            raise ValueError(f"{value!r} is not a valid Kafka topic name")
+        return value
+
+    @field_validator("clickhouse_database")
+    @classmethod
+    def _check_database(cls, value: str) -> str:
+        if not IDENTIFIER.match(value):
+            raise ValueError(f"{value!r} is not a plain ClickHouse identifier ([A-Za-z_][A-Za-z0-9_]*)")
+        return value
+
+    @field_validator("start_position")
+    @classmethod
+    def _check_start(cls, value: str) -> str:
+        if value not in ("earliest", "latest"):
+            raise ValueError("must be 'earliest' or 'latest'")
+        return value
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _check_bootstrap(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{server!r} is not host:port")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("postgres_dsn")
+    @classmethod
+    def _check_postgres(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("clickhouse_dsn")
+    @classmethod
+    def _check_clickhouse(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("chdb", "http", "https", "clickhouse", "clickhouses"):
+            raise ValueError("must be chdb://<dir> or an http(s):// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        self.cache_dir = self.cache_dir.expanduser().resolve()
+        if not self.clickhouse_dsn:
+            self.clickhouse_dsn = f"chdb://{self.data_dir / 'clickhouse'}"
+        if not self.dagster_home:
+            self.dagster_home = str(self.data_dir / "dagster")
+        return self
+
+    # --- derived facts other modules need ---
+    @property
+    def clickhouse_is_embedded(self) -> bool:
+        return self.clickhouse_dsn.startswith("chdb://")
+
+    @property
+    def chdb_path(self) -> Path:
+        return Path(self.clickhouse_dsn.removeprefix("chdb://"))
+
+
+def _variable_of(field_name: str) -> str:
+    return CONNECTION_VARIABLES.get(field_name, ENV_PREFIX + field_name.upper())
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment; a wrong value raises SettingsError naming it."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            field_name = str(item["loc"][0]) if item["loc"] else "?"
+            field_name = CONNECTION_VARIABLES_REVERSED.get(field_name, field_name)
+            problems.append(f"setting {field_name} ({_variable_of(field_name)}): {item['msg']}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
+    except json.JSONDecodeError as error:
+        raise SettingsError(f"invalid settings: a list or object setting is not valid JSON: {error}") from None
+
+
+@cache
+def current_settings() -> Settings:
+    """Settings of this process, read once."""
+    return load_settings()
+
+
+def export_dagster_home(settings: Settings) -> str:
+    """Make DAGSTER_HOME point where the settings say, creating it; Dagster reads only the variable."""
+    home = Path(settings.dagster_home)
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return str(home)
