@@ -72,6 +72,41 @@ def _produce(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _catch_up(settings: Settings, args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from clickhouse_etl.catchup import CatchUpError, catch_up
+    from clickhouse_etl.definitions import build_definitions
+    from clickhouse_etl.settings import export_dagster_home
+    from clickhouse_etl.stack import ensure_schemas
+
+    export_dagster_home(settings)
+    ensure_schemas(settings)
+    topic = args.topic or settings.topic
+    with dg.DagsterInstance.get() as instance:
+        try:
+            report = catch_up(
+                build_definitions(settings), instance, topic, settings.max_records_per_run, settings.start_position
+            )
+        except CatchUpError as error:
+            print(f"clickhouse-etl catch-up: {error}", file=sys.stderr)
+            return 1
+    rate = report.events / report.seconds if report.seconds else 0.0
+    print(
+        f"caught up: {len(report.ranges)} range(s), {report.events} offsets in {report.seconds:.2f} s "
+        f"({rate:,.0f} events/s), {len(report.runs)} run(s) recorded in {settings.dagster_home}"
+    )
+    return 0
+
+
+def _query(settings: Settings, args: argparse.Namespace) -> int:
+    from clickhouse_etl.query import format_table, run_query
+
+    columns, rows = run_query(settings, args.sql, writable=args.writable)
+    print(format_table(columns, rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clickhouse-etl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{flag}", type=float, default=share, metavar="SHARE", help=f"share of events (default {share})"
         )
     produce.set_defaults(handler=_produce)
+    catch = commands.add_parser("catch-up", help="process everything available now through the Dagster job")
+    catch.add_argument("--topic", help="default: the topic setting")
+    catch.set_defaults(handler=_catch_up)
+
+    query = commands.add_parser("query", help="run SQL against ClickHouse and print a table")
+    query.add_argument("sql")
+    query.add_argument("--writable", action="store_true", help="allow statements that change data")
+    query.set_defaults(handler=_query)
     return parser
 
 

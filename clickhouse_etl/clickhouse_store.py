@@ -17,8 +17,6 @@ from typing import Any
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from clickhouse_etl.settings import Settings
-
 
 class ClickHouseUnavailable(RuntimeError):
     """ClickHouse could not be reached (or the embedded store stayed held) within the timeout."""
@@ -71,19 +69,19 @@ def _redacted(dsn: str) -> str:
 
 
 @contextmanager
-def clickhouse_session(settings: Settings, lock_timeout: float | None = None) -> Iterator[Client]:
+def clickhouse_session(dsn: str, timeout: float) -> Iterator[Client]:
     """A ClickHouse client for the duration of the block; closed (and the embedded store released) after."""
-    timeout = settings.clickhouse_lock_timeout_seconds if lock_timeout is None else lock_timeout
-    if settings.clickhouse_is_embedded:
-        settings.chdb_path.mkdir(parents=True, exist_ok=True)
-        with _embedded_store_lock(settings.chdb_path, timeout):
-            client = _connect(settings.clickhouse_dsn, timeout)
+    if dsn.startswith("chdb://"):
+        path = Path(dsn.removeprefix("chdb://"))
+        path.mkdir(parents=True, exist_ok=True)
+        with _embedded_store_lock(path, timeout):
+            client = _connect(dsn, timeout)
             try:
                 yield client
             finally:
                 client.close()
     else:
-        client = _connect(settings.clickhouse_dsn, timeout, connect_timeout=10, send_receive_timeout=300)
+        client = _connect(dsn, timeout, connect_timeout=10, send_receive_timeout=300)
         try:
             yield client
         finally:

@@ -93,6 +93,6 @@ def ensure_postgres_schema(settings: Settings) -> None:
 
 
 def ensure_clickhouse_schema(settings: Settings) -> None:
-    with clickhouse_session(settings) as client:
+    with clickhouse_session(settings.clickhouse_dsn, settings.clickhouse_lock_timeout_seconds) as client:
         for statement in clickhouse_ddl(settings.clickhouse_database, settings.clickhouse_dedup_window):
             client.command(statement)

@@ -237,8 +237,19 @@ def current_settings() -> Settings:
 
 
 def export_dagster_home(settings: Settings) -> str:
-    """Make DAGSTER_HOME point where the settings say, creating it; Dagster reads only the variable."""
+    """Make DAGSTER_HOME point where the settings say, with the project's dagster.yaml in it.
+
+    The default home under the data folder is the project's own, so its dagster.yaml is kept current; a
+    DAGSTER_HOME chosen by the user gets one only if it has none.
+    """
+    from importlib import resources
+
     home = Path(settings.dagster_home)
     home.mkdir(parents=True, exist_ok=True)
+    instance_yaml = home / "dagster.yaml"
+    project_yaml = (resources.files("clickhouse_etl") / "stack_files" / "dagster.yaml").read_text()
+    owned = home == settings.data_dir / "dagster"
+    if not instance_yaml.exists() or (owned and instance_yaml.read_text() != project_yaml):
+        instance_yaml.write_text(project_yaml)
     os.environ["DAGSTER_HOME"] = str(home)
     return str(home)

@@ -521,7 +521,7 @@ class ClickHouseService:
         from clickhouse_etl.clickhouse_store import clickhouse_session
 
         try:
-            with clickhouse_session(self.settings, lock_timeout=timeout) as client:
+            with clickhouse_session(self.settings.clickhouse_dsn, timeout) as client:
                 return client.command("SELECT 1") == 1
         except Exception:
             return False
@@ -553,8 +553,6 @@ def _write_state(settings: Settings, state: dict[str, int]) -> None:
 
 def stack_up(settings: Settings, echo: Callable[[str], None] = print) -> None:
     """Start every local service that does not answer yet; create the topic and the schemas."""
-    from clickhouse_etl import schemas
-
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     state = _read_state(settings)
     for service in _services(settings):
@@ -570,10 +568,17 @@ def stack_up(settings: Settings, echo: Callable[[str], None] = print) -> None:
         echo(f"{service.name:<10} {service.address:<28} started (pid {pid}), log: {service.log_path}")
     kafka = KafkaService(settings)
     echo(f"{'kafka':<10} {kafka.ensure_topic(settings.topic, settings.topic_partitions)}")
-    schemas.ensure_postgres_schema(settings)
+    ensure_schemas(settings)
     echo(f"{'postgres':<10} database and campaigns table ready")
-    schemas.ensure_clickhouse_schema(settings)
     echo(f"{'clickhouse':<10} {ClickHouseService(settings).address}: database {settings.clickhouse_database} ready")
+
+
+def ensure_schemas(settings: Settings) -> None:
+    """The contract's PostgreSQL and ClickHouse schemas, created if missing."""
+    from clickhouse_etl import schemas
+
+    schemas.ensure_postgres_schema(settings)
+    schemas.ensure_clickhouse_schema(settings)
 
 
 def stack_down(settings: Settings, echo: Callable[[str], None] = print) -> None:

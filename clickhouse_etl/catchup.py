@@ -1,0 +1,117 @@
+"""Catch-up: run the ingest job over everything available now, recording each run in the Dagster instance."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import dagster as dg
+
+from clickhouse_etl import ledger
+from clickhouse_etl.jobs import INGEST_JOB_NAME, range_run_config, range_tags
+from clickhouse_etl.resources import KafkaSource
+from clickhouse_etl.steps.ranges import OffsetRange, split_range
+
+CATCH_UP_ATTEMPTS = 3
+
+
+class CatchUpError(RuntimeError):
+    """A range still failed after its retries, or offsets expired before they were processed."""
+
+
+@dataclass
+class CatchUpReport:
+    runs: list[str] = field(default_factory=list)
+    ranges: list[OffsetRange] = field(default_factory=list)
+    events: int = 0
+    seconds: float = 0.0
+
+
+def pending_ranges(
+    instance: dg.DagsterInstance, kafka: KafkaSource, topic: str, max_records: int, start_position: str
+) -> list[OffsetRange]:
+    """Ranges from each partition's committed end up to its high watermark now; failed ranges first."""
+    watermarks = kafka.watermarks(topic)
+    ledgers = ledger.read_ledger(instance, topic)
+    ranges: list[OffsetRange] = []
+    for partition, (low, high) in watermarks.items():
+        entry = ledgers.get(partition)
+        if entry is not None:
+            ranges.extend(sorted(entry.failed))
+        committed = None if entry is None else entry.committed_end
+        planned = None if entry is None else entry.planned_end
+        start = planned if planned is not None else (low if start_position == "earliest" else high)
+        if committed is not None and committed < low:
+            raise CatchUpError(
+                f"{topic}/{partition}: offsets [{committed}, {low}) expired in Kafka before they "
+                "were processed; see `clickhouse-etl offsets`"
+            )
+        ranges.extend(split_range(topic, partition, start, high, max_records))
+    return sorted(set(ranges), key=lambda r: (r.start, r.partition))
+
+
+def run_range(
+    job: dg.JobDefinition,
+    instance: dg.DagsterInstance,
+    offset_range: OffsetRange,
+    force: bool = False,
+    tags: dict[str, str] | None = None,
+    log_level: str = "WARNING",
+) -> dg.ExecuteInProcessResult:
+    """One range through the job in this process, recorded in `instance` like any other run."""
+    r = offset_range
+    run_config = {
+        **range_run_config(r.topic, r.partition, r.start, r.end, force),
+        "loggers": {"console": {"config": {"log_level": log_level}}},
+    }
+    return job.execute_in_process(
+        run_config=run_config,
+        instance=instance,
+        tags={**range_tags(r.topic, r.partition, r.start, r.end), **(tags or {})},
+        raise_on_error=False,
+    )
+
+
+def catch_up(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    topic: str,
+    max_records: int,
+    start_position: str,
+    echo: Callable[[str], None] = print,
+) -> CatchUpReport:
+    """Process every range available now; raise CatchUpError if one still fails after retries."""
+    job = defs.get_job_def(INGEST_JOB_NAME)
+    kafka = defs.resources["kafka"]
+    assert isinstance(kafka, KafkaSource)
+    report = CatchUpReport()
+    started = time.perf_counter()
+    for offset_range in pending_ranges(instance, kafka, topic, max_records, start_position):
+        for attempt in range(1, CATCH_UP_ATTEMPTS + 1):
+            result = run_range(
+                job, instance, offset_range, tags={"etl/trigger": "catch-up", "etl/attempt": str(attempt)}
+            )
+            report.runs.append(result.run_id)
+            if result.success:
+                break
+            error = _first_error(result)
+            echo(f"  {offset_range.label}: run {result.run_id} failed (attempt {attempt}/{CATCH_UP_ATTEMPTS}): {error}")
+            if attempt == CATCH_UP_ATTEMPTS:
+                raise CatchUpError(f"range {offset_range.label} failed after {CATCH_UP_ATTEMPTS} attempts: {error}")
+            time.sleep(2**attempt)
+        report.ranges.append(offset_range)
+        report.events += offset_range.size
+        echo(f"  {offset_range.label}: done (run {result.run_id})")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _first_error(result: dg.ExecuteInProcessResult) -> str:
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            error = event.step_failure_data.error
+            while error.cause is not None and error.message.startswith("dagster."):
+                error = error.cause
+            return f"{event.step_key}: {error.message.strip().splitlines()[-1]}"
+    return "run failed"

@@ -1,0 +1,105 @@
+"""Load: idempotent ClickHouse inserts of one offset range.
+
+Each table receives a range in one insert block carrying the token `<topic>/<partition>/<start>-<end>/<table>`,
+so ClickHouse skips an insert it has seen inside its deduplication window. Beyond the window, a range whose
+rows are already present is not inserted again (a range is written all at once or not at all). A forced
+reload first deletes the range's rows and then inserts under a token of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+from clickhouse_connect.driver.client import Client
+
+from clickhouse_etl.schemas import DEAD_LETTER_TABLE, ENRICHED_TABLE, PARTIALS_TABLE
+from clickhouse_etl.steps.ranges import OffsetRange
+
+# One block per insert: a range is present completely or not at all, and its token names one block.
+SINGLE_BLOCK = {
+    "max_insert_block_size": 100_000_000,
+    "min_insert_block_size_rows": 100_000_000,
+    "min_insert_block_size_bytes": 100_000_000_000,
+}
+
+
+@dataclass(frozen=True)
+class TableLoad:
+    table: str
+    rows: int
+    inserted: bool  # False: the range was already present (a replay), nothing written
+
+
+def _range_condition(offset_range: OffsetRange, table: str) -> tuple[str, dict[str, object]]:
+    parameters = {
+        "topic": offset_range.topic,
+        "partition": offset_range.partition,
+        "start": offset_range.start,
+        "end": offset_range.end,
+    }
+    if table == PARTIALS_TABLE:
+        where = (
+            "kafka_topic = {topic:String} AND kafka_partition = {partition:UInt32} "
+            "AND range_start = {start:UInt64} AND range_end = {end:UInt64}"
+        )
+    else:
+        where = (
+            "kafka_topic = {topic:String} AND kafka_partition = {partition:UInt32} "
+            "AND kafka_offset >= {start:UInt64} AND kafka_offset < {end:UInt64}"
+        )
+    return where, parameters
+
+
+def range_present(client: Client, database: str, table: str, offset_range: OffsetRange) -> bool:
+    where, parameters = _range_condition(offset_range, table)
+    found = client.query(f"SELECT count() FROM `{database}`.{table} WHERE {where} LIMIT 1", parameters=parameters)
+    return found.result_rows[0][0] > 0
+
+
+def delete_range(client: Client, database: str, table: str, offset_range: OffsetRange) -> None:
+    where, parameters = _range_condition(offset_range, table)
+    client.command(
+        f"ALTER TABLE `{database}`.{table} DELETE WHERE {where}", parameters=parameters, settings={"mutations_sync": 2}
+    )
+
+
+def insert_range(
+    client: Client,
+    database: str,
+    table: str,
+    offset_range: OffsetRange,
+    rows: pl.DataFrame,
+    force_token: str | None = None,
+) -> TableLoad:
+    """Insert `rows` of the range unless already present; `force_token` replaces the range's rows instead."""
+    if force_token is not None:
+        delete_range(client, database, table, offset_range)
+    elif range_present(client, database, table, offset_range):
+        return TableLoad(table, rows.height, inserted=False)
+    if rows.is_empty():
+        return TableLoad(table, 0, inserted=False)
+    token = offset_range.insert_token(table, "" if force_token is None else f"/{force_token}")
+    client.insert_arrow(
+        f"`{database}`.{table}",
+        rows.rechunk().to_arrow(),
+        settings={"insert_deduplication_token": token, "insert_deduplicate": 1, **SINGLE_BLOCK},
+    )
+    return TableLoad(table, rows.height, inserted=True)
+
+
+def load_range(
+    client: Client,
+    database: str,
+    offset_range: OffsetRange,
+    enriched: pl.DataFrame,
+    dead_letters: pl.DataFrame,
+    partials: pl.DataFrame,
+    force_token: str | None = None,
+) -> list[TableLoad]:
+    """Dead letters, then enriched rows, then their partial aggregates: every insert idempotent."""
+    return [
+        insert_range(client, database, DEAD_LETTER_TABLE, offset_range, dead_letters, force_token),
+        insert_range(client, database, ENRICHED_TABLE, offset_range, enriched, force_token),
+        insert_range(client, database, PARTIALS_TABLE, offset_range, partials, force_token),
+    ]

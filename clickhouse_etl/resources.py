@@ -1,0 +1,275 @@
+"""Dagster resources: each wraps one client (Kafka, Redis, PostgreSQL, ClickHouse) and nothing else.
+
+Connection strings may carry credentials, so definitions pass them as `dg.EnvVar` whenever the variable
+is set: the UI then shows the variable's name, never its value.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+import polars as pl
+import psycopg
+import redis
+from clickhouse_connect.driver.client import Client
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from pydantic import Field
+
+from clickhouse_etl.clickhouse_store import clickhouse_session
+from clickhouse_etl.settings import Settings
+from clickhouse_etl.steps.dedup import CLAIM_SCRIPT
+from clickhouse_etl.steps.enrich import CampaignsSnapshot, snapshot_from_csv
+from clickhouse_etl.steps.ranges import OffsetRange
+
+CLAIM_CHUNK = 20_000
+
+
+class OffsetGapError(RuntimeError):
+    """Offsets of a requested range no longer exist in Kafka (retention); never skipped silently."""
+
+
+class KafkaSource(dg.ConfigurableResource):
+    """Reads exact offset ranges by assignment (no group rebalancing); commits ends for lag tools."""
+
+    bootstrap_servers: str = Field(description="Kafka bootstrap servers (KAFKA_BOOTSTRAP_SERVERS)")
+    consumer_group: str = Field(default="clickhouse-etl", description="Group whose offsets lag tools read")
+    extra_config_json: str = Field(default="{}", description="Extra librdkafka settings as JSON (SASL/TLS)")
+    fetch_batch: int = Field(default=100_000, description="Messages per consume() call")
+    read_timeout_seconds: float = Field(default=60.0, description="Give up when a range yields nothing this long")
+
+    def _config(self, **overrides: object) -> dict[str, object]:
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "group.id": self.consumer_group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            # An offset that no longer exists must fail, not silently jump to another position.
+            "auto.offset.reset": "error",
+            "enable.partition.eof": True,
+            "fetch.max.bytes": 104_857_600,
+            "max.partition.fetch.bytes": 52_428_800,
+            "queued.max.messages.kbytes": 262_144,
+            "log_level": 4,
+            **json.loads(self.extra_config_json),
+            **overrides,
+        }
+
+    @contextmanager
+    def consumer(self) -> Iterator[Consumer]:
+        consumer = Consumer(self._config())
+        try:
+            yield consumer
+        finally:
+            consumer.close()
+
+    def partitions(self, topic: str) -> list[int]:
+        with self.consumer() as consumer:
+            metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if metadata is None or metadata.error is not None:
+                raise KafkaException(f"topic {topic} does not exist")
+            return sorted(metadata.partitions)
+
+    def watermarks(self, topic: str) -> dict[int, tuple[int, int]]:
+        """{partition: (low, high)} for every partition of the topic."""
+        with self.consumer() as consumer:
+            metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if metadata is None or metadata.error is not None:
+                raise KafkaException(f"topic {topic} does not exist")
+            return {
+                partition: consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+                for partition in sorted(metadata.partitions)
+            }
+
+    def read_range(self, offset_range: OffsetRange) -> pl.DataFrame:
+        """Exactly the messages of [start, end) as (kafka_partition, kafka_offset, value)."""
+        topic, partition, start, end = offset_range.topic, offset_range.partition, offset_range.start, offset_range.end
+        offsets: list[int] = []
+        values: list[bytes | None] = []
+        with self.consumer() as consumer:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            if start < low:
+                raise OffsetGapError(
+                    f"{topic}/{partition}: offsets [{start}, {min(low, end)}) no longer exist "
+                    f"(low watermark {low}, retention); the range cannot be read"
+                )
+            if end > high:
+                raise ValueError(f"{topic}/{partition}: range end {end} is beyond the high watermark {high}")
+            consumer.assign([TopicPartition(topic, partition, start)])
+            position = start
+            last_progress = time.monotonic()
+            while position < end:
+                batch = consumer.consume(num_messages=min(self.fetch_batch, end - position), timeout=1.0)
+                if not batch:
+                    if time.monotonic() - last_progress > self.read_timeout_seconds:
+                        raise TimeoutError(
+                            f"{topic}/{partition}: no messages at offset {position} for "
+                            f"{self.read_timeout_seconds:.0f} s"
+                        )
+                    continue
+                last_progress = time.monotonic()
+                for message in batch:
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            position = max(position, message.offset())
+                            continue
+                        if error.code() == KafkaError._AUTO_OFFSET_RESET:
+                            raise OffsetGapError(f"{topic}/{partition}: offset {position} is out of range: {error}")
+                        raise KafkaException(error)
+                    offset = message.offset()
+                    if offset >= end:
+                        position = end
+                        break
+                    if not offsets and offset > start:
+                        raise OffsetGapError(f"{topic}/{partition}: offsets [{start}, {offset}) no longer exist")
+                    offsets.append(offset)
+                    values.append(message.value())
+                    position = offset + 1
+                if position >= end:
+                    break
+                if position == high and high >= end:
+                    break
+        return pl.DataFrame(
+            {
+                "kafka_partition": pl.Series([partition] * len(offsets), dtype=pl.UInt32),
+                "kafka_offset": pl.Series(offsets, dtype=pl.UInt64),
+                "value": pl.Series(values, dtype=pl.Binary),
+            }
+        )
+
+    def commit_group_offset(self, offset_range: OffsetRange) -> None:
+        """Commit `end` for the consumer group, only so external lag tools see progress."""
+        with self.consumer() as consumer:
+            consumer.commit(
+                offsets=[TopicPartition(offset_range.topic, offset_range.partition, offset_range.end)],
+                asynchronous=False,
+            )
+
+    def offset_for_start(self, topic: str, partition: int, start_position: str) -> int:
+        low, high = self.watermarks(topic)[partition]
+        return high if start_position == "latest" else low
+
+
+class DedupStore(dg.ConfigurableResource):
+    """Redis claims of click ids: `SET <prefix>:<topic>:<click_id> <partition>:<offset> NX GET EX ttl`."""
+
+    redis_url: str = Field(description="Redis URL (REDIS_URL)")
+    key_prefix: str = Field(default="ce:dedup", description="Prefix of the claim keys")
+    ttl_seconds: int = Field(default=86_400, description="Lifetime of a claim")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url, socket_timeout=30, socket_connect_timeout=5)
+
+    def claim(self, topic: str, click_ids: list[str], positions: list[str]) -> list[bytes | None]:
+        """The previous owner of each id (None where this call made the claim). Raises if Redis fails."""
+        client = self.client()
+        try:
+            script = client.register_script(CLAIM_SCRIPT)
+            pipeline = client.pipeline(transaction=False)
+            for first in range(0, len(click_ids), CLAIM_CHUNK):
+                script(
+                    keys=[],
+                    args=[
+                        f"{self.key_prefix}:{topic}:",
+                        self.ttl_seconds,
+                        "\n".join(click_ids[first : first + CLAIM_CHUNK]),
+                        "\n".join(positions[first : first + CLAIM_CHUNK]),
+                    ],
+                    client=pipeline,
+                )
+            previous: list[bytes | None] = []
+            for chunk in pipeline.execute():
+                previous.extend(chunk)
+        finally:
+            client.close()
+        if len(previous) != len(click_ids):
+            raise RuntimeError(f"dedup claims answered {len(previous)} of {len(click_ids)} ids")
+        return previous
+
+
+class CampaignsSource(dg.ConfigurableResource):
+    """The campaigns dimension in PostgreSQL, read in bulk with COPY."""
+
+    postgres_dsn: str = Field(description="PostgreSQL DSN (POSTGRES_DSN)")
+
+    def snapshot(self) -> CampaignsSnapshot:
+        buffer = bytearray()
+        with psycopg.connect(self.postgres_dsn, connect_timeout=10) as connection, connection.cursor() as cursor:
+            with cursor.copy(
+                "COPY (SELECT ad_id, campaign_name, campaign_budget FROM campaigns ORDER BY ad_id) TO STDOUT (FORMAT CSV)"
+            ) as copy:
+                for block in copy:
+                    buffer += block
+        return snapshot_from_csv(bytes(buffer))
+
+
+class ClickHouseWarehouse(dg.ConfigurableResource):
+    """ClickHouse through clickhouse-connect: embedded chDB (`chdb://dir`) or a server (`http(s)://…`)."""
+
+    dsn: str = Field(description="ClickHouse DSN (CLICKHOUSE_DSN)")
+    database: str = Field(default="analytics", description="Database of the analytics tables")
+    lock_timeout_seconds: float = Field(default=300.0, description="Wait for an embedded store held elsewhere")
+
+    @contextmanager
+    def session(self) -> Iterator[Client]:
+        with clickhouse_session(self.dsn, self.lock_timeout_seconds) as client:
+            yield client
+
+    def table(self, name: str) -> str:
+        return f"`{self.database}`.{name}"
+
+
+class IngestRules(dg.ConfigurableResource):
+    """What the pipeline keeps: message size limit, missing-campaign policy, filtered networks."""
+
+    max_message_bytes: int = Field(default=65_536, description="Larger values are dead-lettered")
+    missing_campaign_policy: str = Field(default="keep", description="keep | drop | dead_letter")
+    filter_cidrs: list[str] = Field(default=["192.168.1.0/24"], description="Networks whose clicks are dropped")
+
+
+def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """The job's resources, configured from the settings; secrets stay environment references."""
+    import os
+
+    def connection(variable: str, value: str) -> str:
+        return dg.EnvVar(variable) if os.environ.get(variable) else value  # type: ignore[return-value]
+
+    return {
+        "kafka": KafkaSource(
+            bootstrap_servers=connection("KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers),
+            consumer_group=settings.consumer_group,
+            extra_config_json=connection("CLICKHOUSE_ETL_KAFKA_CONFIG", json.dumps(settings.kafka_config)),
+            fetch_batch=settings.kafka_fetch_batch,
+        ),
+        "dedup_store": DedupStore(
+            redis_url=connection("REDIS_URL", settings.redis_url),
+            key_prefix=settings.dedup_key_prefix,
+            ttl_seconds=settings.dedup_ttl_seconds,
+        ),
+        "campaigns": CampaignsSource(postgres_dsn=connection("POSTGRES_DSN", settings.postgres_dsn)),
+        "rules": IngestRules(
+            max_message_bytes=settings.max_message_bytes,
+            missing_campaign_policy=settings.missing_campaign_policy,
+            filter_cidrs=settings.filter_cidrs,
+        ),
+        "warehouse": ClickHouseWarehouse(
+            dsn=connection("CLICKHOUSE_DSN", settings.clickhouse_dsn),
+            database=settings.clickhouse_database,
+            lock_timeout_seconds=settings.clickhouse_lock_timeout_seconds,
+        ),
+    }
+
+
+__all__ = [
+    "CampaignsSource",
+    "ClickHouseWarehouse",
+    "DedupStore",
+    "IngestRules",
+    "KafkaSource",
+    "OffsetGapError",
+    "resources_from_settings",
+]

@@ -1,0 +1,108 @@
+"""The Kafka sensor: plans bounded offset ranges from watermarks and launches one run per range.
+
+A tick reads watermarks only (no messages). The cursor is `{topic: {partition: next_offset}}` plus, under
+"@waiting_since", when each partition's unplanned tail was first seen, so a small tail is flushed once it
+has waited `max_batch_wait_seconds`. Ranges whose runs failed for good are requested again under a new
+run key: a range is never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import dagster as dg
+
+from clickhouse_etl import ledger
+from clickhouse_etl.jobs import ingest_clicks, range_run_config, range_tags
+from clickhouse_etl.resources import KafkaSource
+from clickhouse_etl.settings import Settings
+from clickhouse_etl.steps.ranges import OffsetRange, plan_ranges
+
+WAITING_KEY = "@waiting_since"  # "@" cannot occur in a Kafka topic name
+
+
+def range_run_request(
+    offset_range: OffsetRange, attempt: int = 0, force: bool = False, extra_tags: dict[str, str] | None = None
+) -> dg.RunRequest:
+    r = offset_range
+    run_key = f"{r.topic}:{r.partition}:{r.start}-{r.end}" + (f":retry-{attempt}" if attempt else "")
+    return dg.RunRequest(
+        run_key=run_key,
+        run_config=range_run_config(r.topic, r.partition, r.start, r.end, force),
+        tags={**range_tags(r.topic, r.partition, r.start, r.end), **(extra_tags or {})},
+    )
+
+
+def plan_tick(
+    cursor: dict,
+    topic: str,
+    watermarks: dict[int, tuple[int, int]],
+    failed: dict[OffsetRange, int],
+    ledger_ends: dict[int, int | None],
+    settings: Settings,
+    now: float,
+) -> tuple[list[dg.RunRequest], dict, dict[int, int]]:
+    """Pure planning of one tick: run requests, the new cursor and the lag per partition."""
+    offsets: dict[str, int] = dict(cursor.get(topic, {}))
+    waiting: dict[str, float] = dict(cursor.get(WAITING_KEY, {}))
+    requests = [range_run_request(r, attempt=n) for r, n in sorted(failed.items())]
+    lag: dict[int, int] = {}
+    for partition, (low, high) in sorted(watermarks.items()):
+        key = str(partition)
+        if key not in offsets:
+            known_end = ledger_ends.get(partition)
+            if known_end is not None:
+                offsets[key] = known_end
+            else:
+                offsets[key] = low if settings.start_position == "earliest" else high
+        next_offset = offsets[key]
+        lag[partition] = max(0, high - next_offset)
+        wait_key = f"{topic}/{partition}"
+        if high <= next_offset:
+            waiting.pop(wait_key, None)
+            continue
+        waiting.setdefault(wait_key, now)
+        ranges = plan_ranges(
+            topic,
+            partition,
+            next_offset,
+            high,
+            settings.max_records_per_run,
+            now - waiting[wait_key],
+            settings.max_batch_wait_seconds,
+        )
+        if ranges:
+            requests.extend(range_run_request(r) for r in ranges)
+            offsets[key] = ranges[-1].end
+            if offsets[key] >= high:
+                waiting.pop(wait_key, None)
+            else:
+                waiting[wait_key] = now
+    new_cursor = {**cursor, topic: offsets, WAITING_KEY: waiting}
+    return requests, new_cursor, lag
+
+
+def build_kafka_sensor(settings: Settings) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="kafka_offsets_sensor",
+        job=ingest_clicks,
+        minimum_interval_seconds=settings.sensor_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Plans bounded offset ranges of topic {settings.topic} from the Kafka watermarks (at most "
+        f"{settings.max_records_per_run} records a run; tails flushed after {settings.max_batch_wait_seconds} s) "
+        "and re-requests ranges whose runs failed for good.",
+    )
+    def kafka_offsets_sensor(context: dg.SensorEvaluationContext, kafka: KafkaSource) -> dg.SensorResult:
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        topic = settings.topic
+        watermarks = kafka.watermarks(topic)
+        failed = ledger.failed_for_good(context.instance, topic)
+        ledger_ends: dict[int, int | None] = {}
+        if topic not in cursor:  # a fresh (or reset) cursor resumes where recorded runs stopped
+            ledger_ends = {p: entry.planned_end for p, entry in ledger.read_ledger(context.instance, topic).items()}
+        requests, new_cursor, lag = plan_tick(cursor, topic, watermarks, failed, ledger_ends, settings, time.time())
+        context.log.info(f"lag per partition of {topic}: {lag}; {len(requests)} run(s) requested")
+        return dg.SensorResult(run_requests=requests, cursor=json.dumps(new_cursor, sort_keys=True))
+
+    return kafka_offsets_sensor
