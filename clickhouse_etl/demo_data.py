@@ -261,7 +261,7 @@ def _malformed(rng: np.random.Generator, n: int, n_base: int, partitions: list[i
         "truncated": '{"click_id":"m{p}-{i}","user_id":"u1","ad_id":3,"timestam',
         "not_json": "click m{p}-{i} from 10.0.0.1 at noon",
         "wrong_type": '{"click_id":"m{p}-{i}","user_id":"u1","ad_id":"three","timestamp_ms":1,"ip_address":"10.1.1.1"}',
-        "missing_field": '{"user_id":"u1","ad_id":3,"timestamp_ms":1700000000000,"ip_address":"10.1.1.1","m":"{p}-{i}"}',
+        "missing_field": '{"user_id":"u1","ad_id":3,"timestamp_ms":17000000,"ip_address":"10.1.1.1","m":"{p}-{i}"}',
         "not_object": '["m{p}-{i}", 3]',
         "empty": "",
     }

@@ -6,6 +6,7 @@ Offsets are stored as run metadata: each run carries its range in indexed tags (
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -66,7 +67,7 @@ class PartitionLedger:
 
     def overlaps(self) -> list[tuple[OffsetRange, OffsetRange]]:
         ranges = sorted(set(self.committed))
-        return [(a, b) for a, b in zip(ranges, ranges[1:], strict=False) if b.start < a.end]
+        return [(a, b) for a, b in itertools.pairwise(ranges) if b.start < a.end]
 
 
 def _range_of(tags: dict[str, str]) -> OffsetRange | None:

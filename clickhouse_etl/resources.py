@@ -26,6 +26,9 @@ from clickhouse_etl.steps.enrich import CampaignsSnapshot, snapshot_from_csv
 from clickhouse_etl.steps.ranges import OffsetRange
 
 CLAIM_CHUNK = 20_000
+SNAPSHOT_COPY = (
+    "COPY (SELECT ad_id, campaign_name, campaign_budget FROM campaigns ORDER BY ad_id) TO STDOUT (FORMAT CSV)"
+)
 
 
 class OffsetGapError(RuntimeError):
@@ -198,12 +201,13 @@ class CampaignsSource(dg.ConfigurableResource):
 
     def snapshot(self) -> CampaignsSnapshot:
         buffer = bytearray()
-        with psycopg.connect(self.postgres_dsn, connect_timeout=10) as connection, connection.cursor() as cursor:
-            with cursor.copy(
-                "COPY (SELECT ad_id, campaign_name, campaign_budget FROM campaigns ORDER BY ad_id) TO STDOUT (FORMAT CSV)"
-            ) as copy:
-                for block in copy:
-                    buffer += block
+        with (
+            psycopg.connect(self.postgres_dsn, connect_timeout=10) as connection,
+            connection.cursor() as cursor,
+            cursor.copy(SNAPSHOT_COPY) as copy,
+        ):
+            for block in copy:
+                buffer += block
         return snapshot_from_csv(bytes(buffer))
 
 
