@@ -83,11 +83,11 @@ def catch_up(
 ) -> CatchUpReport:
     """Process every range available now; raise CatchUpError if one still fails after retries."""
     job = defs.get_job_def(INGEST_JOB_NAME)
-    kafka = defs.resources["kafka"]
-    assert isinstance(kafka, KafkaSource)
+    with dg.build_resources({"kafka": defs.resources["kafka"]}) as resources:  # resolves EnvVar settings
+        ranges = pending_ranges(instance, resources.kafka, topic, max_records, start_position)
     report = CatchUpReport()
     started = time.perf_counter()
-    for offset_range in pending_ranges(instance, kafka, topic, max_records, start_position):
+    for offset_range in ranges:
         for attempt in range(1, CATCH_UP_ATTEMPTS + 1):
             result = run_range(
                 job, instance, offset_range, tags={"etl/trigger": "catch-up", "etl/attempt": str(attempt)}

@@ -174,7 +174,7 @@ def _valid_ipv6(addresses: pl.Series) -> pl.Series:
             valid.append(address)
         except ValueError:
             pass
-    return addresses.is_in(pl.Series(valid, dtype=pl.String))
+    return addresses.is_in(valid)
 
 
 def decode_events(raw: pl.DataFrame, max_message_bytes: int) -> DecodedBatch:

@@ -52,5 +52,5 @@ def blocked_mask(events: pl.DataFrame, rules: NetworkRules) -> pl.Series:
         v6_addresses = events["ip_address"].filter(is_v6).unique().to_list()
         blocked_v6 = [address for address in v6_addresses if rules.blocks_ipv6(address)]
         if blocked_v6:
-            blocked = blocked | events["ip_address"].is_in(pl.Series(blocked_v6, dtype=pl.String))
+            blocked = blocked | events["ip_address"].is_in(blocked_v6)
     return blocked.alias("blocked")

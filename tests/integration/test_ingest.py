@@ -1,0 +1,189 @@
+"""The ingest job against the real stack: exact ClickHouse content, replays, crashes, the sensor."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC
+
+import dagster as dg
+import pytest
+
+from clickhouse_etl import demo_data
+from clickhouse_etl.catchup import run_range
+from clickhouse_etl.definitions import build_definitions
+from clickhouse_etl.jobs import INGEST_JOB_NAME
+from clickhouse_etl.ledger import read_ledger
+from clickhouse_etl.sensors import build_kafka_sensor
+from clickhouse_etl.settings import Settings
+
+from .helpers import (
+    dead_letter_rows,
+    direct_stats,
+    enriched_rows,
+    produce,
+    run_catch_up,
+    stats_by_window,
+    warehouse_snapshot,
+)
+from .reference import campaigns, expected_outcome, read_topic
+
+pytestmark = pytest.mark.integration
+
+
+def assert_matches_reference(settings: Settings, policy: str = "keep") -> None:
+    """ClickHouse holds exactly what the independent reference says, row by row."""
+    messages = read_topic(settings.kafka_bootstrap_servers, settings.topic)
+    expected = expected_outcome(messages, campaigns(settings.postgres_dsn), settings.filter_cidrs, policy)
+
+    rows = enriched_rows(settings)
+    loaded = {row[0]: row for row in rows}
+    assert len(loaded) == len(rows), "a click_id was loaded more than once"
+    assert loaded.keys() == expected.rows.keys()
+    for click_id, row in loaded.items():
+        want = expected.rows[click_id]
+        got = dict(
+            zip(
+                ("click_id", "user_id", "ad_id", "campaign_name", "campaign_budget", "ip_address"), row[:6], strict=True
+            )
+        )
+        got["click_time"] = row[6].astimezone(UTC) if row[6].tzinfo else row[6].replace(tzinfo=UTC)
+        assert got == want, click_id
+        assert (row[8], row[9]) in expected.allowed_positions[click_id], (click_id, row[8], row[9])
+
+    dead = {(p, o): raw for p, o, raw, _error, _at in dead_letter_rows(settings)}
+    assert dead.keys() == expected.dead_letters.keys()
+    for position, raw in dead.items():
+        raw_bytes = raw if isinstance(raw, bytes) else raw.encode()
+        assert raw_bytes == expected.dead_letters[position]
+    assert all(error for *_, error, _at in dead_letter_rows(settings))
+
+    # Promise 5: the pre-aggregated view equals the aggregation over the enriched rows, and the reference.
+    assert stats_by_window(settings) == direct_stats(settings) == expected.minute_stats()
+
+
+def assert_every_offset_accounted(settings: Settings, instance: dg.DagsterInstance, total: int) -> None:
+    """Promise 1 per committed run: read = loaded + dead-lettered + duplicates + filtered (+ dropped)."""
+    entries = read_ledger(instance, settings.topic)
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(
+            job_name=INGEST_JOB_NAME, statuses=[dg.DagsterRunStatus.SUCCESS], tags={"kafka/topic": settings.topic}
+        )
+    )
+    seen: dict[tuple[int, int, int], dict[str, int]] = {}
+    for run in runs:
+        key = (int(run.tags["kafka/partition"]), int(run.tags["kafka/start"]), int(run.tags["kafka/end"]))
+        seen.setdefault(
+            key,
+            {
+                name.removeprefix("etl/"): int(v)
+                for name, v in run.tags.items()
+                if name.startswith("etl/") and v.isdigit() and name != "etl/attempt"
+            },
+        )
+    assert sum(end - start for _, start, end in seen) == total
+    for (_, start, end), counts in seen.items():
+        dropped = counts["unmatched"] if settings.missing_campaign_policy == "drop" else 0
+        assert counts["read"] == end - start
+        assert (
+            counts["read"]
+            == counts["loaded"] + counts["dead_lettered"] + counts["duplicates"] + counts["filtered"] + dropped
+        )
+    for entry in entries.values():
+        assert entry.gaps() == [] and entry.overlaps() == []
+
+
+def test_exact_content_for_every_kind_of_input(settings: Settings, instance: dg.DagsterInstance) -> None:
+    produce(settings, 30_000)
+    report = run_catch_up(settings, instance)
+    assert report.events == 30_000
+    assert len(report.ranges) >= 6  # several runs per partition
+    assert_matches_reference(settings)
+    assert_every_offset_accounted(settings, instance, 30_000)
+    # Nothing left: a second catch-up finds no range to run.
+    assert run_catch_up(settings, instance).ranges == []
+
+
+def test_rerunning_any_range_changes_nothing(settings: Settings, instance: dg.DagsterInstance) -> None:
+    produce(settings, 12_000)
+    report = run_catch_up(settings, instance)
+    before = warehouse_snapshot(settings)
+    job = build_definitions(settings).get_job_def(INGEST_JOB_NAME)
+    for offset_range in report.ranges:
+        assert run_range(job, instance, offset_range).success
+    assert warehouse_snapshot(settings) == before  # processed_at too: nothing was written again
+    assert_matches_reference(settings)
+
+
+def test_run_killed_after_load_before_commit_is_recovered_exactly_once(
+    settings: Settings, instance: dg.DagsterInstance, tmp_path
+) -> None:
+    produce(settings, 9_000)
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(tmp_path),
+        "CLICKHOUSE_ETL_DATA_DIR": str(settings.data_dir),
+        "CLICKHOUSE_DSN": settings.clickhouse_dsn,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "REDIS_URL": settings.redis_url,
+        "POSTGRES_DSN": settings.postgres_dsn,
+        "CLICKHOUSE_ETL_TOPIC": settings.topic,
+        "CLICKHOUSE_ETL_MAX_RECORDS_PER_RUN": str(settings.max_records_per_run),
+        "CLICKHOUSE_ETL_FAILPOINT": "after_load",
+    }
+    crashed = subprocess.run(
+        [sys.executable, "-m", "clickhouse_etl.cli", "catch-up"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    with dg.DagsterInstance.from_config(str(tmp_path)) as crashed_instance:
+        runs = crashed_instance.get_runs()
+        assert len(runs) == 1 and runs[0].status == dg.DagsterRunStatus.STARTED  # died mid-run
+    assert len(enriched_rows(settings)) > 0  # the load landed before the kill
+
+    del env["CLICKHOUSE_ETL_FAILPOINT"]
+    recovered = subprocess.run(
+        [sys.executable, "-m", "clickhouse_etl.cli", "catch-up"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert recovered.returncode == 0, recovered.stderr[-2000:]
+    assert_matches_reference(settings)
+
+
+def test_sensor_plans_ranges_and_runs_record_metadata(settings: Settings, instance: dg.DagsterInstance) -> None:
+    produce(settings, 12_000, shares=demo_data.EventShares(malformed=0.0))
+    defs = build_definitions(settings)
+    sensor = build_kafka_sensor(settings)
+    context = dg.build_sensor_context(instance=instance, resources={"kafka": defs.resources["kafka"]})
+    result = sensor.evaluate_tick(context)
+    requests = result.run_requests or []
+    assert len(requests) >= 3
+    assert {r.tags["kafka/tp"] for r in requests} == {f"{settings.topic}:{p}" for p in range(3)}
+    job = defs.get_job_def(INGEST_JOB_NAME)
+    for request in requests:
+        dg.validate_run_config(job, request.run_config)
+        outcome = job.execute_in_process(run_config=request.run_config, tags=request.tags, instance=instance)
+        assert outcome.success
+        commit_output = outcome.output_for_node("commit")
+        assert commit_output["read"] == int(request.tags["kafka/end"]) - int(request.tags["kafka/start"])
+        run = instance.get_run_by_id(outcome.run_id)
+        assert run is not None and int(run.tags["etl/read"]) == commit_output["read"]
+    # Lineage assets got materializations with the counts (the UI plots them).
+    materialization = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(["clickhouse", "ad_clicks_enriched"])), limit=1
+    ).records[0]
+    assert "loaded" in materialization.asset_materialization.metadata
+    # Caught up: the next tick with the new cursor requests nothing.
+    next_context = dg.build_sensor_context(
+        instance=instance, cursor=result.cursor, resources={"kafka": defs.resources["kafka"]}
+    )
+    assert not sensor.evaluate_tick(next_context).run_requests
+    assert_matches_reference(settings)
+
+
+@pytest.mark.parametrize("policy", ["drop", "dead_letter"])
+def test_missing_campaign_policies(settings: Settings, instance: dg.DagsterInstance, policy: str) -> None:
+    policy_settings = settings.model_copy(update={"missing_campaign_policy": policy})
+    produce(policy_settings, 6_000, shares=demo_data.EventShares(duplicate=0.0, unknown_ad=0.1, malformed=0.01))
+    run_catch_up(policy_settings, instance)
+    assert_matches_reference(policy_settings, policy)
+    assert_every_offset_accounted(policy_settings, instance, 6_000)
