@@ -107,6 +107,25 @@ def _query(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dev(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from clickhouse_etl.settings import export_dagster_home
+    from clickhouse_etl.stack import ensure_schemas
+
+    home = export_dagster_home(settings)
+    ensure_schemas(settings)
+    # Dagster's processes read the same settings: pin the data folder so they find it from any directory.
+    os.environ["CLICKHOUSE_ETL_DATA_DIR"] = str(settings.data_dir)
+    print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home}); sensor kafka_offsets_sensor is on")
+    command = ["dagster", "dev", "-m", "clickhouse_etl.definitions", "-h", args.host, "-p", str(args.port)]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clickhouse-etl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     catch = commands.add_parser("catch-up", help="process everything available now through the Dagster job")
     catch.add_argument("--topic", help="default: the topic setting")
     catch.set_defaults(handler=_catch_up)
+
+    dev = commands.add_parser("dev", help="run Dagster (webserver, daemon, sensor) against the settings")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=3000)
+    dev.set_defaults(handler=_dev)
 
     query = commands.add_parser("query", help="run SQL against ClickHouse and print a table")
     query.add_argument("sql")
@@ -174,13 +198,21 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"clickhouse-etl: {error}", file=sys.stderr)
         return 2
-    except Exception as error:  # the command line prints a clear message, not a traceback
-        from clickhouse_etl.stack import StackError
-
-        if isinstance(error, StackError):
-            print(f"clickhouse-etl: {error}", file=sys.stderr)
+    except Exception as error:  # known failures get a clear message, not a traceback
+        if isinstance(error, _expected_errors()):
+            print(f"clickhouse-etl {args.command}: {error}", file=sys.stderr)
             return 1
         raise
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+    from confluent_kafka import KafkaException
+
+    from clickhouse_etl.clickhouse_store import ClickHouseUnavailable
+    from clickhouse_etl.stack import StackError
+
+    return (StackError, ClickHouseUnavailable, ClickHouseError, KafkaException)
 
 
 if __name__ == "__main__":

@@ -211,7 +211,7 @@ class Settings(BaseSettings):
         return Path(self.clickhouse_dsn.removeprefix("chdb://"))
 
 
-def _variable_of(field_name: str) -> str:
+def environment_variable(field_name: str) -> str:
     return CONNECTION_VARIABLES.get(field_name, ENV_PREFIX + field_name.upper())
 
 
@@ -224,7 +224,7 @@ def load_settings(**overrides: Any) -> Settings:
         for item in error.errors():
             field_name = str(item["loc"][0]) if item["loc"] else "?"
             field_name = CONNECTION_VARIABLES_REVERSED.get(field_name, field_name)
-            problems.append(f"setting {field_name} ({_variable_of(field_name)}): {item['msg']}")
+            problems.append(f"setting {field_name} ({environment_variable(field_name)}): {item['msg']}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
     except json.JSONDecodeError as error:
         raise SettingsError(f"invalid settings: a list or object setting is not valid JSON: {error}") from None

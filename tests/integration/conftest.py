@@ -39,8 +39,11 @@ def fresh_stack(data_dir: Path, ports: dict[str, int]) -> Settings:
         stack.stack_down(settings, echo=lambda _: None)
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True)
-    data_dir.chmod(0o755)
-    stack.stack_up(settings, echo=print)
+    try:
+        stack.stack_up(settings, echo=print)
+    except BaseException:
+        stack.stack_down(settings, echo=print)
+        raise
     return settings
 
 

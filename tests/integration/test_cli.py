@@ -1,0 +1,76 @@
+"""The clickhouse-etl command line against the real stack: produce, catch-up, query, bad settings."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from clickhouse_etl.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def cli(
+    settings: Settings, *args: str, extra_env: dict[str, str] | None = None, dagster_home: str = ""
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "CLICKHOUSE_ETL_DATA_DIR": str(settings.data_dir),
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "REDIS_URL": settings.redis_url,
+        "POSTGRES_DSN": settings.postgres_dsn,
+        "CLICKHOUSE_ETL_TOPIC": settings.topic,
+        "CLICKHOUSE_ETL_MAX_RECORDS_PER_RUN": str(settings.max_records_per_run),
+        **({"DAGSTER_HOME": dagster_home} if dagster_home else {}),
+        **(extra_env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "clickhouse_etl.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_produce_catch_up_and_query(settings: Settings, tmp_path) -> None:
+    produced = cli(settings, "produce", "--count", "20000", "--seed", "3")
+    assert produced.returncode == 0, produced.stderr
+    assert re.search(r"produced 20000 events to topic \S+ in [\d.]+ s \([\d,]+ events/s\)", produced.stdout)
+    assert "duplicate: 1000" in produced.stdout  # the default 5 % share, exactly
+
+    caught_up = cli(settings, "catch-up", dagster_home=str(tmp_path))
+    assert caught_up.returncode == 0, caught_up.stderr[-3000:]
+    assert re.search(r"caught up: \d+ range\(s\), 20000 offsets", caught_up.stdout)
+
+    counted = cli(
+        settings,
+        "query",
+        f"SELECT count() AS n FROM analytics.ad_clicks_enriched WHERE kafka_topic = '{settings.topic}'",
+    )
+    assert counted.returncode == 0, counted.stderr
+    lines = counted.stdout.splitlines()
+    assert lines[0].strip() == "n" and int(lines[2]) > 15_000 and lines[-1] == "(1 row)"
+
+    # Read-only unless asked: a write is refused by ClickHouse itself.
+    refused = cli(settings, "query", "TRUNCATE TABLE analytics.ad_clicks_enriched")
+    assert refused.returncode == 1 and "readonly" in refused.stderr.lower()
+    assert refused.stderr.startswith("clickhouse-etl query:") and "Traceback" not in refused.stderr
+
+    again = cli(settings, "catch-up", dagster_home=str(tmp_path))
+    assert again.returncode == 0 and "caught up: 0 range(s)" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("CLICKHOUSE_ETL_DEDUP_TTL_SECONDS", "-5", "CLICKHOUSE_ETL_DEDUP_TTL_SECONDS"),
+        ("CLICKHOUSE_ETL_FILTER_CIDRS", "10.0.0.0/33", "CLICKHOUSE_ETL_FILTER_CIDRS"),
+        ("REDIS_URL", "http://127.0.0.1:1", "REDIS_URL"),
+        ("CLICKHOUSE_ETL_MISSING_CAMPAIGN_POLICY", "ignore", "CLICKHOUSE_ETL_MISSING_CAMPAIGN_POLICY"),
+    ],
+)
+def test_bad_settings_fail_fast_naming_the_setting(settings: Settings, variable: str, value: str, named: str) -> None:
+    result = cli(settings, "catch-up", extra_env={variable: value})
+    assert result.returncode == 2
+    assert named in result.stderr and "Traceback" not in result.stderr
