@@ -6,6 +6,7 @@ import dagster as dg
 
 from clickhouse_etl.ops import (
     aggregate_windows,
+    check_window_stats,
     commit,
     decode_events,
     dedup_events,
@@ -38,7 +39,8 @@ def ingest_clicks() -> None:
     transformed = transform_events(filtered)
     aggregated = aggregate_windows(transformed)
     loaded = load(transformed, aggregated, decoded, enriched)
-    commit(loaded, raw_batch, decoded, deduped, enriched, filtered, transformed, aggregated)
+    stats_check = check_window_stats(loaded, aggregated)
+    commit(loaded, raw_batch, decoded, deduped, enriched, filtered, transformed, aggregated, stats_check)
 
 
 def range_run_config(topic: str, partition: int, start: int, end: int, force: bool = False) -> dict:

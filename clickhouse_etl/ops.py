@@ -14,6 +14,7 @@ import polars as pl
 from pydantic import Field
 
 from clickhouse_etl import schemas
+from clickhouse_etl.checks import compare_window_stats
 from clickhouse_etl.failpoints import failpoint
 from clickhouse_etl.loading import TableLoad, load_range
 from clickhouse_etl.resources import CampaignsSource, ClickHouseWarehouse, DedupStore, IngestRules, KafkaSource
@@ -228,6 +229,47 @@ def load(
     return result
 
 
+STATS_CHECK_NAME = "matches_enriched_clicks"
+
+
+@dg.op(
+    description="Check that the stats view equals the aggregation over ad_clicks_enriched for the windows this "
+    "range touched; recorded as an asset check on the stats view."
+)
+def check_window_stats(
+    context: dg.OpExecutionContext,
+    loaded: LoadResult,
+    aggregated: Stage,
+    warehouse: ClickHouseWarehouse,
+    rules: IngestRules,
+) -> dict[str, object]:
+    partials = aggregated.frame
+    if partials.is_empty():
+        return {"windows_compared": 0, "passed": True}
+    window = rules.aggregation_window
+    first, last = partials["minute"].min(), partials["minute"].max()
+    if window == "hour":
+        first, last = first.replace(minute=0), last.replace(minute=0)
+    with warehouse.session() as client:
+        check = compare_window_stats(client, warehouse.database, window, first, last)  # type: ignore[arg-type]
+    view = schemas.MINUTE_STATS_VIEW if window == "minute" else schemas.HOUR_STATS_VIEW
+    context.log_event(
+        dg.AssetCheckEvaluation(
+            asset_key=dg.AssetKey(["clickhouse", view]),
+            check_name=STATS_CHECK_NAME,
+            passed=check.passed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={
+                "windows_compared": check.windows_compared,
+                "first_window": str(first),
+                "last_window": str(last),
+                "mismatches": dg.MetadataValue.json(check.mismatches[:20]),
+            },
+        )
+    )
+    return {"windows_compared": check.windows_compared, "passed": check.passed}
+
+
 @dg.op(
     description="Record offsets, counts per stage and the snapshot version; commit the group offset.",
     retry_policy=DEPENDENCY_RETRY,
@@ -242,6 +284,7 @@ def commit(
     filtered: Stage,
     transformed: Stage,
     aggregated: Stage,
+    stats_check: dict,
     kafka: KafkaSource,
 ) -> dict[str, int]:
     failpoint("before_commit")
@@ -280,6 +323,7 @@ def commit(
         "missing_campaign_policy": str(enriched.extra["missing_campaign_policy"]),
         "seconds_per_stage": dg.MetadataValue.json({k: round(v, 4) for k, v in seconds.items()}),
         "aggregate_highlights": dg.MetadataValue.json(aggregated.extra["highlights"]),
+        "stats_check": dg.MetadataValue.json(stats_check),
     }
     for asset_key, asset_metadata in (
         (["kafka", r.topic], {"partition": r.partition, "end": r.end, "read": counts["read"]}),

@@ -233,6 +233,7 @@ class IngestRules(dg.ConfigurableResource):
     max_message_bytes: int = Field(default=65_536, description="Larger values are dead-lettered")
     missing_campaign_policy: str = Field(default="keep", description="keep | drop | dead_letter")
     filter_cidrs: list[str] = Field(default=["192.168.1.0/24"], description="Networks whose clicks are dropped")
+    aggregation_window: str = Field(default="minute", description="Window of the stats checked: minute | hour")
 
 
 def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -259,6 +260,7 @@ def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableReso
             max_message_bytes=settings.max_message_bytes,
             missing_campaign_policy=settings.missing_campaign_policy,
             filter_cidrs=settings.filter_cidrs,
+            aggregation_window=settings.aggregation_window,
         ),
         "warehouse": ClickHouseWarehouse(
             dsn=connection("CLICKHOUSE_DSN", settings.clickhouse_dsn),

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 ENV_PREFIX = "CLICKHOUSE_ETL_"
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -226,8 +227,11 @@ def load_settings(**overrides: Any) -> Settings:
             field_name = CONNECTION_VARIABLES_REVERSED.get(field_name, field_name)
             problems.append(f"setting {field_name} ({environment_variable(field_name)}): {item['msg']}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
-    except json.JSONDecodeError as error:
-        raise SettingsError(f"invalid settings: a list or object setting is not valid JSON: {error}") from None
+    except (json.JSONDecodeError, PydanticSettingsError) as error:
+        # pydantic-settings reports a value it could not parse as JSON without the variable; name it here.
+        match = re.search(r'field "(\w+)"', str(error))
+        where = f"setting {match.group(1)} ({environment_variable(match.group(1))})" if match else "a setting"
+        raise SettingsError(f"invalid settings:\n  {where}: not valid JSON ({error.__cause__ or error})") from None
 
 
 @cache

@@ -108,10 +108,17 @@ def _parse_values(values: list[bytes]) -> tuple[list[dict[str, str | None] | Non
     return rows, errors
 
 
-def _flatten_lines(value: bytes) -> bytes:
-    # Line breaks are only whitespace between JSON tokens (raw ones are invalid inside strings), so this
-    # keeps a pretty-printed message one NDJSON line without changing what it means.
-    return value.replace(b"\r", b" ").replace(b"\n", b" ")
+def _one_line(value: bytes) -> bytes:
+    """A message spanning several lines as one NDJSON line, meaning unchanged.
+
+    A valid object (pretty-printed, say) is re-serialized compactly; anything else stays as it is and is
+    dead-lettered by the strict parser's verdict (a raw line break inside a string is invalid JSON).
+    """
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return value
+    return orjson.dumps(document) if isinstance(document, dict) else value
 
 
 def _screen(raw: pl.DataFrame, max_message_bytes: int) -> pl.Expr:
@@ -185,7 +192,7 @@ def decode_events(raw: pl.DataFrame, max_message_bytes: int) -> DecodedBatch:
     with_breaks = candidates["value"].bin.contains(b"\n") | candidates["value"].bin.contains(b"\r")
     if with_breaks.any():
         for i in with_breaks.arg_true().to_list():
-            values[i] = _flatten_lines(values[i])
+            values[i] = _one_line(values[i])
 
     parsed = _parse_chunk(values) if len(values) <= FAST_PATH_CHUNK else None
     if parsed is not None:

@@ -30,7 +30,7 @@ def to_enriched_rows(events: pl.DataFrame, topic: str, processed_at: datetime | 
         "campaign_name",
         "campaign_budget",
         "ip_address",
-        pl.from_epoch("timestamp_ms", time_unit="ms").dt.replace_time_zone("UTC").alias("click_time"),
+        pl.from_epoch("timestamp_ms", time_unit="ms").cast(pl.Datetime("ms", "UTC")).alias("click_time"),
         pl.lit(processed_at).cast(pl.Datetime("ms", "UTC")).alias("processed_at"),
         pl.lit(topic).alias("kafka_topic"),
         "kafka_partition",

@@ -283,9 +283,9 @@ TRICKY_VALUES: list[bytes | None] = [
     encode(click(click_id="ünï©ødé ✓", user_id="😀")),
     json.dumps(click(click_id="pretty"), indent=2).encode(),
     json.dumps(click(click_id="pretty-crlf"), indent=2).replace("\n", "\r\n").encode(),
-    encode(click(pad="y" * 2_000)),  # oversized at the limit used below
+    encode(click(pad="y" * 9_000)),  # oversized at the limit used below
 ]
-DETERMINISM_MAX_BYTES = 1_024
+DETERMINISM_MAX_BYTES = 8_192
 
 
 def regular_value(i: int) -> bytes:
@@ -309,19 +309,21 @@ def alone_outcomes() -> list[tuple]:
     return [outcome_alone(v) for v in TRICKY_VALUES]
 
 
-def test_tricky_values_cover_both_outcomes(alone_outcomes):
+def test_tricky_values_cover_both_outcomes_and_every_parse_path(alone_outcomes):
     kinds = {kind for kind, _ in alone_outcomes}
     assert kinds == {"event", "dead"}
+    errors = [payload for kind, payload in alone_outcomes if kind == "dead"]
+    # strict parser rejects (nesting deeper than its limit included); size screening
+    assert any(e.startswith("invalid JSON: ") and "NDJSON" not in e for e in errors)
+    assert any("depth limit" in e for e in errors)
+    assert any(e.startswith("oversized message") for e in errors)
+    assert any(e.startswith("not a JSON object") for e in errors)
 
 
 def test_small_batch_decodes_each_value_as_alone(alone_outcomes):
-    values = [regular_value(i) for i in range(50)]
-    positions = {}
+    values: list[bytes | None] = [regular_value(i) for i in range(50)]
     for j, tricky in enumerate(TRICKY_VALUES):
-        index = (j * 7) % len(values)
-        values.insert(index, tricky)
-    for offset, value in enumerate(values):
-        positions.setdefault(id(value), offset)
+        values.insert((j * 7) % len(values), tricky)
     raw = raw_frame(values)
     result = assert_accounted(raw, decode_events(raw, DETERMINISM_MAX_BYTES))
     for j, tricky in enumerate(TRICKY_VALUES):
@@ -425,3 +427,15 @@ def test_property_never_raises_and_accounts_every_offset(values):
         # the same value alone decodes exactly the same way
         alone = decode_events(raw_frame([values[offset - 1_000]], partition=4, first_offset=offset), 300)
         assert outcomes(alone) == {(4, offset): (kind, payload)}
+
+
+def test_raw_line_break_inside_a_string_is_a_dead_letter():
+    value = b'{"click_id":"a\nb","user_id":"u","ad_id":1,"timestamp_ms":1,"ip_address":"1.1.1.1"}'
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(value)  # strict JSON rejects it
+    assert "invalid JSON" in error_of(value)
+
+
+def test_absurdly_deep_nesting_is_a_dead_letter_not_a_crash():
+    value = b'{"click_id":"x","a":' + b'{"a":' * 100_000 + b"1" + b"}" * 100_001
+    assert error_of(value, max_message_bytes=10**9).startswith("invalid JSON")

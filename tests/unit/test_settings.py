@@ -1,0 +1,199 @@
+"""Unit tests of clickhouse_etl.settings (environment handled with monkeypatch; nothing is connected)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from clickhouse_etl.demo_data import EventShares
+from clickhouse_etl.settings import CONNECTION_VARIABLES, ENV_PREFIX, Settings, SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch, tmp_path):
+    """No CLICKHOUSE_ETL_* or connection variable of the caller leaks in; data_dir resolves under tmp_path."""
+    for name in list(os.environ):
+        if name.upper().startswith(ENV_PREFIX) or name.upper() in CONNECTION_VARIABLES.values():
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_defaults(clean_environment):
+    settings = load_settings()
+    assert isinstance(settings, Settings)
+    assert settings.topic == "ad_clicks"
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.kafka_bootstrap_servers == "127.0.0.1:9092"
+    assert settings.postgres_dsn.startswith("postgresql://")
+    assert settings.filter_cidrs == ["192.168.1.0/24"]
+    assert settings.missing_campaign_policy == "keep"
+    assert settings.start_position == "earliest"
+    assert settings.dedup_ttl_seconds == 86_400
+    data_dir = (Path(clean_environment) / ".data").resolve()
+    assert settings.data_dir == data_dir
+    assert settings.clickhouse_dsn == f"chdb://{data_dir / 'clickhouse'}"
+    assert settings.clickhouse_is_embedded
+    assert settings.chdb_path == data_dir / "clickhouse"
+    assert settings.dagster_home == str(data_dir / "dagster")
+
+
+def test_data_dir_override_moves_the_derived_paths(tmp_path):
+    settings = load_settings(data_dir=tmp_path / "elsewhere")
+    assert settings.clickhouse_dsn == f"chdb://{(tmp_path / 'elsewhere').resolve() / 'clickhouse'}"
+    assert settings.dagster_home == str((tmp_path / "elsewhere").resolve() / "dagster")
+
+
+def test_explicit_clickhouse_dsn_is_kept(monkeypatch):
+    monkeypatch.setenv("CLICKHOUSE_DSN", "http://clickhouse.example:8123")
+    settings = load_settings()
+    assert settings.clickhouse_dsn == "http://clickhouse.example:8123"
+    assert not settings.clickhouse_is_embedded
+
+
+def test_prefixed_variables_are_read(monkeypatch):
+    monkeypatch.setenv("CLICKHOUSE_ETL_TOPIC", "clicks.v2")
+    monkeypatch.setenv("CLICKHOUSE_ETL_DEDUP_TTL_SECONDS", "3600")
+    monkeypatch.setenv("CLICKHOUSE_ETL_MISSING_CAMPAIGN_POLICY", "dead_letter")
+    monkeypatch.setenv("CLICKHOUSE_ETL_MAX_BATCH_WAIT_SECONDS", "0.5")
+    settings = load_settings()
+    assert settings.topic == "clicks.v2"
+    assert settings.dedup_ttl_seconds == 3600
+    assert settings.missing_campaign_policy == "dead_letter"
+    assert settings.max_batch_wait_seconds == 0.5
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("10.0.0.0/8,2001:db8::/32", ["10.0.0.0/8", "2001:db8::/32"]),
+        (" 10.0.0.0/8 , 192.168.1.0/24 ,", ["10.0.0.0/8", "192.168.1.0/24"]),
+        ('["10.0.0.0/8", "2001:db8::/32"]', ["10.0.0.0/8", "2001:db8::/32"]),
+        ("[]", []),
+        ("", []),
+    ],
+)
+def test_filter_cidrs_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("CLICKHOUSE_ETL_FILTER_CIDRS", value)
+    assert load_settings().filter_cidrs == expected
+
+
+def test_connection_variables_are_read_without_prefix(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://cache.example:6380/2")
+    monkeypatch.setenv("POSTGRES_DSN", "postgresql://etl@db.example:5432/ads")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "k1:9092,k2:9093")
+    monkeypatch.setenv("DAGSTER_HOME", "/srv/dagster")
+    settings = load_settings()
+    assert settings.redis_url == "redis://cache.example:6380/2"
+    assert settings.postgres_dsn == "postgresql://etl@db.example:5432/ads"
+    assert settings.kafka_bootstrap_servers == "k1:9092,k2:9093"
+    assert settings.dagster_home == "/srv/dagster"
+
+
+def test_overrides_win_over_the_environment(monkeypatch):
+    monkeypatch.setenv("CLICKHOUSE_ETL_TOPIC", "from_env")
+    assert load_settings(topic="from_override").topic == "from_override"
+
+
+def test_kafka_config_from_json(monkeypatch):
+    monkeypatch.setenv("CLICKHOUSE_ETL_KAFKA_CONFIG", '{"security.protocol": "SASL_SSL"}')
+    assert load_settings().kafka_config == {"security.protocol": "SASL_SSL"}
+
+
+INVALID = [
+    pytest.param("dedup_ttl_seconds", -1, "CLICKHOUSE_ETL_DEDUP_TTL_SECONDS", "-1", id="negative-ttl"),
+    pytest.param("dedup_ttl_seconds", 0, "CLICKHOUSE_ETL_DEDUP_TTL_SECONDS", "0", id="zero-ttl"),
+    pytest.param("filter_cidrs", ["10.0.0.0/33"], "CLICKHOUSE_ETL_FILTER_CIDRS", "10.0.0.0/33", id="malformed-cidr"),
+    pytest.param("redis_url", "http://x", "REDIS_URL", "http://x", id="redis-url"),
+    pytest.param("postgres_dsn", "mysql://x", "POSTGRES_DSN", "mysql://x", id="postgres-dsn"),
+    pytest.param("clickhouse_dsn", "ftp://x", "CLICKHOUSE_DSN", "ftp://x", id="clickhouse-dsn"),
+    pytest.param("kafka_bootstrap_servers", "nohost", "KAFKA_BOOTSTRAP_SERVERS", "nohost", id="bootstrap"),
+    pytest.param(
+        "missing_campaign_policy",
+        "ignore",
+        "CLICKHOUSE_ETL_MISSING_CAMPAIGN_POLICY",
+        "ignore",
+        id="policy",
+    ),
+    pytest.param("topic", "bad topic", "CLICKHOUSE_ETL_TOPIC", "bad topic", id="topic"),
+    pytest.param(
+        "clickhouse_database",
+        "x; drop",
+        "CLICKHOUSE_ETL_CLICKHOUSE_DATABASE",
+        "x; drop",
+        id="database",
+    ),
+    pytest.param("start_position", "middle", "CLICKHOUSE_ETL_START_POSITION", "middle", id="start-position"),
+    pytest.param("max_records_per_run", 0, "CLICKHOUSE_ETL_MAX_RECORDS_PER_RUN", "0", id="max-records"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "variable", "text"), INVALID)
+def test_invalid_override_names_setting_and_variable(field, value, variable, text):
+    with pytest.raises(SettingsError) as raised:
+        load_settings(**{field: value})
+    message = str(raised.value)
+    assert f"setting {field} ({variable})" in message
+
+
+@pytest.mark.parametrize(("field", "value", "variable", "text"), INVALID)
+def test_invalid_environment_names_setting_and_variable(monkeypatch, field, value, variable, text):
+    monkeypatch.setenv(variable, text)
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert f"setting {field} ({variable})" in message
+
+
+def test_several_problems_are_all_reported(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "http://x")
+    monkeypatch.setenv("CLICKHOUSE_ETL_TOPIC", "bad topic")
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert "REDIS_URL" in str(raised.value)
+    assert "CLICKHOUSE_ETL_TOPIC" in str(raised.value)
+
+
+def test_settings_error_is_a_value_error():
+    assert issubclass(SettingsError, ValueError)
+
+
+def test_malformed_json_list_is_a_settings_error(monkeypatch):
+    monkeypatch.setenv("CLICKHOUSE_ETL_FILTER_CIDRS", '["10.0.0.0/8",')
+    with pytest.raises(SettingsError, match="CLICKHOUSE_ETL_FILTER_CIDRS"):
+        load_settings()
+
+
+def test_malformed_json_object_is_a_settings_error(monkeypatch):
+    monkeypatch.setenv("CLICKHOUSE_ETL_KAFKA_CONFIG", "{bad")
+    with pytest.raises(SettingsError, match="CLICKHOUSE_ETL_KAFKA_CONFIG"):
+        load_settings()
+
+
+# --------------------------------------------------------------------------------------------------------
+# EventShares
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["duplicate", "duplicate_other_partition", "bot", "unknown_ad", "malformed", "late", "ipv6", "numeric_string"],
+)
+@pytest.mark.parametrize("value", [-0.01, 1.01, -1.0, 2.0])
+def test_event_shares_reject_out_of_range(field, value):
+    with pytest.raises(ValueError, match=field):
+        EventShares(**{field: value})
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 0.5])
+def test_event_shares_accept_the_bounds(value):
+    shares = EventShares(bot=value, extra_field=value)
+    assert shares.bot == value
+    assert shares.extra_field == value
+
+
+def test_event_shares_reject_duplicate_plus_malformed_above_one():
+    with pytest.raises(ValueError, match="exceed 1"):
+        EventShares(duplicate=0.7, malformed=0.4)
