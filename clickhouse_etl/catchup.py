@@ -34,6 +34,7 @@ def pending_ranges(
     """Ranges from each partition's committed end up to its high watermark now; failed ranges first."""
     watermarks = kafka.watermarks(topic)
     ledgers = ledger.read_ledger(instance, topic)
+    start_offsets = kafka.start_offsets(topic, start_position)
     ranges: list[OffsetRange] = []
     for partition, (low, high) in watermarks.items():
         entry = ledgers.get(partition)
@@ -41,7 +42,7 @@ def pending_ranges(
             ranges.extend(sorted(entry.failed))
         committed = None if entry is None else entry.committed_end
         planned = None if entry is None else entry.planned_end
-        start = planned if planned is not None else (low if start_position == "earliest" else high)
+        start = planned if planned is not None else start_offsets[partition]
         if committed is not None and committed < low:
             raise CatchUpError(
                 f"{topic}/{partition}: offsets [{committed}, {low}) expired in Kafka before they "
@@ -73,25 +74,20 @@ def run_range(
     )
 
 
-def catch_up(
-    defs: dg.Definitions,
+def run_ranges(
+    job: dg.JobDefinition,
     instance: dg.DagsterInstance,
-    topic: str,
-    max_records: int,
-    start_position: str,
+    ranges: list[OffsetRange],
+    tags: dict[str, str],
+    force: bool = False,
     echo: Callable[[str], None] = print,
 ) -> CatchUpReport:
-    """Process every range available now; raise CatchUpError if one still fails after retries."""
-    job = defs.get_job_def(INGEST_JOB_NAME)
-    with dg.build_resources({"kafka": defs.resources["kafka"]}) as resources:  # resolves EnvVar settings
-        ranges = pending_ranges(instance, resources.kafka, topic, max_records, start_position)
+    """Run each range through the job in order, retrying a failed run; raise CatchUpError if one still fails."""
     report = CatchUpReport()
     started = time.perf_counter()
     for offset_range in ranges:
         for attempt in range(1, CATCH_UP_ATTEMPTS + 1):
-            result = run_range(
-                job, instance, offset_range, tags={"etl/trigger": "catch-up", "etl/attempt": str(attempt)}
-            )
+            result = run_range(job, instance, offset_range, force, tags={**tags, "etl/attempt": str(attempt)})
             report.runs.append(result.run_id)
             if result.success:
                 break
@@ -105,6 +101,21 @@ def catch_up(
         echo(f"  {offset_range.label}: done (run {result.run_id})")
     report.seconds = time.perf_counter() - started
     return report
+
+
+def catch_up(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    topic: str,
+    max_records: int,
+    start_position: str,
+    echo: Callable[[str], None] = print,
+) -> CatchUpReport:
+    """Process every range available now; raise CatchUpError if one still fails after retries."""
+    with dg.build_resources({"kafka": defs.resources["kafka"]}) as resources:  # resolves EnvVar settings
+        ranges = pending_ranges(instance, resources.kafka, topic, max_records, start_position)
+    job = defs.get_job_def(INGEST_JOB_NAME)
+    return run_ranges(job, instance, ranges, {"etl/trigger": "catch-up"}, echo=echo)
 
 
 def _first_error(result: dg.ExecuteInProcessResult) -> str:

@@ -99,6 +99,102 @@ def _catch_up(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _backfill(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+    import subprocess
+
+    import dagster as dg
+
+    from clickhouse_etl.backfill import BackfillError, plan_backfill
+    from clickhouse_etl.catchup import CatchUpError, run_ranges
+    from clickhouse_etl.definitions import build_definitions
+    from clickhouse_etl.jobs import BACKFILL_REQUEST_JOB_NAME, INGEST_JOB_NAME
+    from clickhouse_etl.ledger import read_ledger
+    from clickhouse_etl.settings import export_dagster_home
+
+    export_dagster_home(settings)
+    topic = args.topic or settings.topic
+    defs = build_definitions(settings)
+    if args.no_wait:
+        # Hand the request to the Dagster instance: the daemon runs it, and backfill_sensor submits its runs.
+        config = {
+            "ops": {
+                "plan_backfill_runs": {
+                    "config": {
+                        "topic": topic,
+                        "partition": args.partition,
+                        "start": args.start,
+                        "end": args.end,
+                        "force": args.force,
+                    }
+                }
+            }
+        }
+        command = [
+            "dagster",
+            "job",
+            "launch",
+            "-m",
+            "clickhouse_etl.definitions",
+            "-j",
+            BACKFILL_REQUEST_JOB_NAME,
+            "--config-json",
+            json.dumps(config),
+        ]
+        return subprocess.call(command)
+    with dg.DagsterInstance.get() as instance, dg.build_resources({"kafka": defs.resources["kafka"]}) as resources:
+        entries = read_ledger(instance, topic)
+        committed = entries[args.partition].committed if args.partition in entries else []
+        try:
+            watermarks = resources.kafka.watermarks(topic)
+            plan = plan_backfill(
+                topic,
+                args.partition,
+                args.start,
+                args.end,
+                args.force,
+                watermarks,
+                committed,
+                settings.max_records_per_run,
+            )
+        except BackfillError as error:
+            print(f"clickhouse-etl backfill: {error}; nothing was started", file=sys.stderr)
+            return 2
+        print(
+            f"backfill {plan.backfill_id}: [{plan.requested.start}, {plan.requested.end}) of {topic}/{args.partition}"
+            f" in {len(plan.ranges)} run(s){' (forced)' if plan.force else ''}"
+        )
+        try:
+            report = run_ranges(defs.get_job_def(INGEST_JOB_NAME), instance, plan.ranges, plan.tags(), plan.force)
+        except CatchUpError as error:
+            print(f"clickhouse-etl backfill: {error}", file=sys.stderr)
+            return 1
+    print(
+        f"backfill {plan.backfill_id} done: {report.events} offsets in {report.seconds:.2f} s, "
+        f"{len(report.runs)} run(s)"
+    )
+    return 0
+
+
+def _offsets(settings: Settings, args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from clickhouse_etl.ledger import read_ledger
+    from clickhouse_etl.offsets import format_offsets, partition_offsets
+    from clickhouse_etl.resources import resources_from_settings
+    from clickhouse_etl.settings import export_dagster_home
+
+    export_dagster_home(settings)
+    topic = args.topic or settings.topic
+    with (
+        dg.DagsterInstance.get() as instance,
+        dg.build_resources({"kafka": resources_from_settings(settings)["kafka"]}) as resources,
+    ):
+        report = partition_offsets(resources.kafka.watermarks(topic), read_ledger(instance, topic))
+    print(format_offsets(topic, report))
+    return 0 if all(p.healthy for p in report) else 1
+
+
 def _query(settings: Settings, args: argparse.Namespace) -> int:
     from clickhouse_etl.query import format_table, run_query
 
@@ -155,6 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     catch = commands.add_parser("catch-up", help="process everything available now through the Dagster job")
     catch.add_argument("--topic", help="default: the topic setting")
     catch.set_defaults(handler=_catch_up)
+
+    backfill = commands.add_parser("backfill", help="re-process an exact offset range through the job")
+    backfill.add_argument("--topic", help="default: the topic setting")
+    backfill.add_argument("--partition", type=int, required=True)
+    backfill.add_argument("--start", type=int, required=True, help="first offset (inclusive)")
+    backfill.add_argument("--end", type=int, required=True, help="end offset (exclusive)")
+    backfill.add_argument("--force", action="store_true", help="replace the range's rows and aggregates")
+    backfill.add_argument("--no-wait", action="store_true", help="hand the backfill to the Dagster daemon")
+    backfill.set_defaults(handler=_backfill)
+
+    offsets = commands.add_parser("offsets", help="where every partition stands; non-zero on a gap or overlap")
+    offsets.add_argument("--topic", help="default: the topic setting")
+    offsets.set_defaults(handler=_offsets)
 
     dev = commands.add_parser("dev", help="run Dagster (webserver, daemon, sensor) against the settings")
     dev.add_argument("--host", default="127.0.0.1")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dagster as dg
 
 from clickhouse_etl import schemas
-from clickhouse_etl.jobs import ingest_clicks
+from clickhouse_etl.asset_checks import build_asset_checks
+from clickhouse_etl.jobs import build_backfill_request_job, ingest_clicks
 from clickhouse_etl.resources import resources_from_settings
-from clickhouse_etl.sensors import build_kafka_sensor
+from clickhouse_etl.sensors import build_backfill_sensor, build_kafka_sensor
 from clickhouse_etl.settings import Settings, current_settings
 
 
@@ -49,11 +50,29 @@ def lineage_assets(settings: Settings) -> list[dg.AssetSpec]:
     return [topic, campaigns, enriched, dead_letters, stats]
 
 
+VERIFY_JOB_NAME = "verify_offsets_and_stats"
+
+
 def build_definitions(settings: Settings) -> dg.Definitions:
+    checks = build_asset_checks(settings)
+    verify = dg.define_asset_job(
+        VERIFY_JOB_NAME,
+        selection=dg.AssetSelection.checks(*checks),
+        description="Checks that committed offsets are contiguous and the stats equal the enriched clicks.",
+    )
+    nightly = dg.ScheduleDefinition(
+        name="nightly_verification",
+        job=verify,
+        cron_schedule="0 3 * * *",
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        description="Runs the offsets and aggregate checks every night at 03:00 (off until turned on).",
+    )
     return dg.Definitions(
         assets=lineage_assets(settings),
-        jobs=[ingest_clicks],
-        sensors=[build_kafka_sensor(settings)],
+        asset_checks=checks,
+        jobs=[ingest_clicks, build_backfill_request_job(settings.topic), verify],
+        schedules=[nightly],
+        sensors=[build_kafka_sensor(settings), build_backfill_sensor()],
         # Frames pass between ops in memory, never pickled.
         resources={"io_manager": dg.mem_io_manager, **resources_from_settings(settings)},
     )

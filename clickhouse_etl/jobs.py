@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from clickhouse_etl.ops import (
+    BackfillRequestConfig,
     aggregate_windows,
     check_window_stats,
     commit,
@@ -13,11 +14,13 @@ from clickhouse_etl.ops import (
     enrich_events,
     filter_events,
     load,
+    plan_backfill_runs,
     read,
     transform_events,
 )
 
 INGEST_JOB_NAME = "ingest_clicks"
+BACKFILL_REQUEST_JOB_NAME = "request_backfill"
 
 # Frames stay in memory between ops, so a retry must re-run every step (ALL_STEPS), never from failure.
 INGEST_JOB_TAGS = {"dagster/retry_strategy": "ALL_STEPS"}
@@ -58,3 +61,22 @@ def range_tags(topic: str, partition: int, start: int, end: int) -> dict[str, st
         "kafka/start": str(start),
         "kafka/end": str(end),
     }
+
+
+def build_backfill_request_job(topic: str) -> dg.JobDefinition:
+    """The Launchpad's way to backfill: its default config is the preset to edit (topic, partition, range)."""
+
+    @dg.job(
+        name=BACKFILL_REQUEST_JOB_NAME,
+        description="Backfill or replay an offset range: validates it against the watermarks (start < end, "
+        "low <= start, end <= high) and plans bounded ingest_clicks runs, which backfill_sensor submits. "
+        "force=true replaces the range's rows and aggregate contributions.",
+        executor_def=dg.in_process_executor,
+        config=dg.RunConfig(
+            ops={"plan_backfill_runs": BackfillRequestConfig(topic=topic, partition=0, start=0, end=1, force=False)}
+        ),
+    )
+    def request_backfill() -> None:
+        plan_backfill_runs()
+
+    return request_backfill

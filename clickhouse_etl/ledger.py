@@ -6,7 +6,6 @@ Offsets are stored as run metadata: each run carries its range in indexed tags (
 
 from __future__ import annotations
 
-import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -66,8 +65,15 @@ class PartitionLedger:
         return found
 
     def overlaps(self) -> list[tuple[OffsetRange, OffsetRange]]:
-        ranges = sorted(set(self.committed))
-        return [(a, b) for a, b in itertools.pairwise(ranges) if b.start < a.end]
+        """Committed ranges that partly overlap; a range nested in another is a replay, not an overlap."""
+        found: list[tuple[OffsetRange, OffsetRange]] = []
+        reaching: OffsetRange | None = None  # the range reaching furthest so far
+        for r in sorted(set(self.committed)):
+            if reaching is not None and reaching.start < r.start < reaching.end < r.end:
+                found.append((reaching, r))
+            if reaching is None or r.end > reaching.end:
+                reaching = r
+        return found
 
 
 def _range_of(tags: dict[str, str]) -> OffsetRange | None:

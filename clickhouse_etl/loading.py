@@ -39,9 +39,10 @@ def _range_condition(offset_range: OffsetRange, table: str) -> tuple[str, dict[s
         "end": offset_range.end,
     }
     if table == PARTIALS_TABLE:
+        # Partials of any range overlapping this one: a replay of part of a loaded range adds nothing.
         where = (
             "kafka_topic = {topic:String} AND kafka_partition = {partition:UInt32} "
-            "AND range_start = {start:UInt64} AND range_end = {end:UInt64}"
+            "AND range_start < {end:UInt64} AND range_end > {start:UInt64}"
         )
     else:
         where = (

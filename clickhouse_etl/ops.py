@@ -5,6 +5,7 @@ small dataclass that carries the offset range and the op's own counts and second
 turns into run metadata.
 """
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -358,3 +359,48 @@ def commit(
     context.log.info(f"committed {r.label}: {counts}")
     failpoint("after_commit")
     return counts
+
+
+class BackfillRequestConfig(dg.Config):
+    """An offset range to re-process; validated against the watermarks and split into bounded runs."""
+
+    topic: str = Field(description="Kafka topic")
+    partition: int = Field(ge=0, description="Kafka partition")
+    start: int = Field(ge=0, description="First offset (inclusive), at or above the low watermark")
+    end: int = Field(gt=0, description="End offset (exclusive), at most the high watermark")
+    force: bool = Field(default=False, description="Replace the range's rows and aggregate contributions")
+
+
+BACKFILL_PLAN_TAG = "etl/backfill_plan"
+
+
+@dg.op(description="Validate a backfill request and plan its bounded runs; the backfill sensor submits them.")
+def plan_backfill_runs(
+    context: dg.OpExecutionContext, config: BackfillRequestConfig, kafka: KafkaSource, rules: IngestRules
+) -> dict[str, object]:
+    from clickhouse_etl.backfill import plan_backfill
+    from clickhouse_etl.ledger import read_ledger
+
+    entries = read_ledger(context.instance, config.topic)
+    committed = entries[config.partition].committed if config.partition in entries else []
+    plan = plan_backfill(
+        config.topic,
+        config.partition,
+        config.start,
+        config.end,
+        config.force,
+        kafka.watermarks(config.topic),
+        committed,
+        rules.max_records_per_run,
+        backfill_id=context.run_id[:12],
+    )
+    summary = {
+        "backfill_id": plan.backfill_id,
+        "topic": config.topic,
+        "partition": config.partition,
+        "force": config.force,
+        "ranges": [[r.start, r.end] for r in plan.ranges],
+    }
+    context.instance.add_run_tags(context.run_id, {BACKFILL_PLAN_TAG: json.dumps(summary, separators=(",", ":"))})
+    context.add_output_metadata({"runs_planned": len(plan.ranges), "plan": dg.MetadataValue.json(summary)})
+    return summary

@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 
 import dagster as dg
 import polars as pl
@@ -152,9 +153,16 @@ class KafkaSource(dg.ConfigurableResource):
                 asynchronous=False,
             )
 
-    def offset_for_start(self, topic: str, partition: int, start_position: str) -> int:
-        low, high = self.watermarks(topic)[partition]
-        return high if start_position == "latest" else low
+    def start_offsets(self, topic: str, start_position: str) -> dict[int, int]:
+        """Per partition, the first offset to process for `earliest`, `latest` or an ISO-8601 timestamp."""
+        watermarks = self.watermarks(topic)
+        if start_position in ("earliest", "latest"):
+            return {p: (low if start_position == "earliest" else high) for p, (low, high) in watermarks.items()}
+        timestamp_ms = int(datetime.fromisoformat(start_position).timestamp() * 1000)
+        with self.consumer() as consumer:
+            found = consumer.offsets_for_times([TopicPartition(topic, p, timestamp_ms) for p in watermarks], timeout=10)
+        # No message at or after the timestamp: start at the end (-1 from the broker).
+        return {tp.partition: tp.offset if tp.offset >= 0 else watermarks[tp.partition][1] for tp in found}
 
 
 class DedupStore(dg.ConfigurableResource):
@@ -234,6 +242,7 @@ class IngestRules(dg.ConfigurableResource):
     missing_campaign_policy: str = Field(default="keep", description="keep | drop | dead_letter")
     filter_cidrs: list[str] = Field(default=["192.168.1.0/24"], description="Networks whose clicks are dropped")
     aggregation_window: str = Field(default="minute", description="Window of the stats checked: minute | hour")
+    max_records_per_run: int = Field(default=1_000_000, description="Largest range one run processes")
 
 
 def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -261,6 +270,7 @@ def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableReso
             missing_campaign_policy=settings.missing_campaign_policy,
             filter_cidrs=settings.filter_cidrs,
             aggregation_window=settings.aggregation_window,
+            max_records_per_run=settings.max_records_per_run,
         ),
         "warehouse": ClickHouseWarehouse(
             dsn=connection("CLICKHOUSE_DSN", settings.clickhouse_dsn),

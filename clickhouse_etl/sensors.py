@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 
 import dagster as dg
 
 from clickhouse_etl import ledger
-from clickhouse_etl.jobs import ingest_clicks, range_run_config, range_tags
+from clickhouse_etl.jobs import BACKFILL_REQUEST_JOB_NAME, ingest_clicks, range_run_config, range_tags
+from clickhouse_etl.ops import BACKFILL_PLAN_TAG
 from clickhouse_etl.resources import KafkaSource
 from clickhouse_etl.settings import Settings
 from clickhouse_etl.steps.ranges import OffsetRange, plan_ranges
@@ -42,8 +44,13 @@ def plan_tick(
     ledger_ends: dict[int, int | None],
     settings: Settings,
     now: float,
+    start_offsets: dict[int, int] | None = None,
 ) -> tuple[list[dg.RunRequest], dict, dict[int, int]]:
-    """Pure planning of one tick: run requests, the new cursor and the lag per partition."""
+    """Pure planning of one tick: run requests, the new cursor and the lag per partition.
+
+    A partition not in the cursor resumes at its recorded runs' end (ledger_ends), else at the start
+    position: the low or high watermark, or start_offsets (a timestamp's offsets) when given.
+    """
     offsets: dict[str, int] = dict(cursor.get(topic, {}))
     waiting: dict[str, float] = dict(cursor.get(WAITING_KEY, {}))
     requests = [range_run_request(r, attempt=n) for r, n in sorted(failed.items())]
@@ -54,6 +61,8 @@ def plan_tick(
             known_end = ledger_ends.get(partition)
             if known_end is not None:
                 offsets[key] = known_end
+            elif start_offsets is not None and partition in start_offsets:
+                offsets[key] = start_offsets[partition]
             else:
                 offsets[key] = low if settings.start_position == "earliest" else high
         next_offset = offsets[key]
@@ -101,8 +110,63 @@ def build_kafka_sensor(settings: Settings) -> dg.SensorDefinition:
         ledger_ends: dict[int, int | None] = {}
         if topic not in cursor:  # a fresh (or reset) cursor resumes where recorded runs stopped
             ledger_ends = {p: entry.planned_end for p, entry in ledger.read_ledger(context.instance, topic).items()}
-        requests, new_cursor, lag = plan_tick(cursor, topic, watermarks, failed, ledger_ends, settings, time.time())
+        known = cursor.get(topic, {})
+        new_partitions = [p for p in watermarks if str(p) not in known and ledger_ends.get(p) is None]
+        start_offsets = None
+        if new_partitions and settings.start_position not in ("earliest", "latest"):
+            start_offsets = kafka.start_offsets(topic, settings.start_position)
+        requests, new_cursor, lag = plan_tick(
+            cursor, topic, watermarks, failed, ledger_ends, settings, time.time(), start_offsets
+        )
         context.log.info(f"lag per partition of {topic}: {lag}; {len(requests)} run(s) requested")
         return dg.SensorResult(run_requests=requests, cursor=json.dumps(new_cursor, sort_keys=True))
 
     return kafka_offsets_sensor
+
+
+def backfill_run_requests(plan: dict) -> list[dg.RunRequest]:
+    """The ingest runs of one backfill plan (see ops.plan_backfill_runs); run keys make them once-only."""
+    requests = []
+    for start, end in plan["ranges"]:
+        r = OffsetRange(plan["topic"], plan["partition"], start, end)
+        request = range_run_request(
+            r,
+            force=plan["force"],
+            extra_tags={
+                "etl/backfill_id": plan["backfill_id"],
+                "etl/trigger": "backfill",
+                "etl/force": str(plan["force"]).lower(),
+            },
+        )
+        requests.append(request.with_replaced_attrs(run_key=f"backfill:{plan['backfill_id']}:{request.run_key}"))
+    return requests
+
+
+def build_backfill_sensor() -> dg.SensorDefinition:
+    @dg.sensor(
+        name="backfill_sensor",
+        job=ingest_clicks,
+        minimum_interval_seconds=10,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Submits the bounded ingest_clicks runs planned by successful request_backfill runs.",
+    )
+    def backfill_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        since = float(context.cursor) if context.cursor else 0.0
+        records = context.instance.get_run_records(
+            filters=dg.RunsFilter(
+                job_name=BACKFILL_REQUEST_JOB_NAME,
+                statuses=[dg.DagsterRunStatus.SUCCESS],
+                updated_after=datetime.fromtimestamp(since, UTC),
+            ),
+            limit=50,
+            ascending=True,
+        )
+        requests = []
+        for record in records:
+            plan = record.dagster_run.tags.get(BACKFILL_PLAN_TAG)
+            if plan:
+                requests.extend(backfill_run_requests(json.loads(plan)))
+            since = max(since, record.update_timestamp.timestamp())
+        return dg.SensorResult(run_requests=requests, cursor=str(since))
+
+    return backfill_sensor

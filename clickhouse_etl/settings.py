@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -91,7 +92,8 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(default=3, ge=1, le=1000, description="Partitions of a topic the stack creates")
     consumer_group: str = Field(default="clickhouse-etl", description="Group id committed for lag tools")
     start_position: str = Field(
-        default="earliest", description="Where a topic new to the pipeline starts: earliest | latest"
+        default="earliest",
+        description="Where a partition new to the pipeline starts: earliest | latest | an ISO-8601 timestamp",
     )
     dedup_ttl_seconds: int = Field(default=86_400, gt=0, description="How long a click_id claim lives in Redis")
     dedup_key_prefix: str = Field(default="ce:dedup", min_length=1, description="Prefix of the Redis claim keys")
@@ -159,7 +161,12 @@ class Settings(BaseSettings):
     @classmethod
     def _check_start(cls, value: str) -> str:
         if value not in ("earliest", "latest"):
-            raise ValueError("must be 'earliest' or 'latest'")
+            try:
+                moment = datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError("must be 'earliest', 'latest' or an ISO-8601 timestamp") from None
+            if moment.tzinfo is None:
+                raise ValueError("a start timestamp needs a time zone, e.g. 2026-11-25T00:00:00Z")
         return value
 
     @field_validator("kafka_bootstrap_servers")
