@@ -195,6 +195,21 @@ def _offsets(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if all(p.healthy for p in report) else 1
 
 
+def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    from clickhouse_etl.bench import BenchError, print_result, run_bench
+    from clickhouse_etl.stack import ensure_schemas
+
+    ensure_schemas(settings)
+    say = (lambda _: None) if args.json else print
+    try:
+        result = run_bench(settings, args.events, args.partitions, args.baseline_events, say)
+    except BenchError as error:
+        print(f"clickhouse-etl bench: {error}", file=sys.stderr)
+        return 1
+    print_result(result, args.json)
+    return 0
+
+
 def _query(settings: Settings, args: argparse.Namespace) -> int:
     from clickhouse_etl.query import format_table, run_query
 
@@ -264,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     offsets = commands.add_parser("offsets", help="where every partition stands; non-zero on a gap or overlap")
     offsets.add_argument("--topic", help="default: the topic setting")
     offsets.set_defaults(handler=_offsets)
+
+    bench = commands.add_parser("bench", help="end-to-end throughput against the local stack, and a naive baseline")
+    bench.add_argument("--events", type=int, default=1_000_000)
+    bench.add_argument("--partitions", type=int, default=3)
+    bench.add_argument("--baseline-events", type=int, default=30_000, help="0 skips the naive baseline")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(handler=_bench)
 
     dev = commands.add_parser("dev", help="run Dagster (webserver, daemon, sensor) against the settings")
     dev.add_argument("--host", default="127.0.0.1")
