@@ -16,9 +16,9 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import dagster as dg
 import orjson

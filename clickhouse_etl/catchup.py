@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import dagster as dg
+from dagster._core.instance.ref import InstanceRef
 
 from clickhouse_etl import ledger
 from clickhouse_etl.jobs import INGEST_JOB_NAME, range_run_config, range_tags
 from clickhouse_etl.resources import KafkaSource
+from clickhouse_etl.settings import Settings
 from clickhouse_etl.steps.ranges import OffsetRange, split_range
 
 CATCH_UP_ATTEMPTS = 3
@@ -104,18 +109,56 @@ def run_ranges(
 
 
 def catch_up(
-    defs: dg.Definitions,
+    settings: Settings,
     instance: dg.DagsterInstance,
-    topic: str,
-    max_records: int,
-    start_position: str,
     echo: Callable[[str], None] = print,
 ) -> CatchUpReport:
-    """Process every range available now; raise CatchUpError if one still fails after retries."""
+    """Process every range available now; raise CatchUpError if one still fails after retries.
+
+    Partitions run in parallel in up to `catch_up_workers` processes (ranges of one partition in order, in one
+    process): while one waits on Redis, Kafka or ClickHouse, another computes.
+    """
+    from clickhouse_etl.definitions import build_definitions
+
+    defs = build_definitions(settings)
     with dg.build_resources({"kafka": defs.resources["kafka"]}) as resources:  # resolves EnvVar settings
-        ranges = pending_ranges(instance, resources.kafka, topic, max_records, start_position)
-    job = defs.get_job_def(INGEST_JOB_NAME)
-    return run_ranges(job, instance, ranges, {"etl/trigger": "catch-up"}, echo=echo)
+        ranges = pending_ranges(
+            instance, resources.kafka, settings.topic, settings.max_records_per_run, settings.start_position
+        )
+    by_partition: dict[int, list[OffsetRange]] = {}
+    for offset_range in ranges:
+        by_partition.setdefault(offset_range.partition, []).append(offset_range)
+    if settings.catch_up_workers <= 1 or len(by_partition) <= 1:
+        return run_ranges(defs.get_job_def(INGEST_JOB_NAME), instance, ranges, CATCH_UP_TAGS, echo=echo)
+    started = time.perf_counter()
+    report = CatchUpReport()
+    # Spawned, not forked: a forked child would inherit this process's embedded ClickHouse state.
+    with ProcessPoolExecutor(settings.catch_up_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_run_partition, settings, instance.get_ref(), partition_ranges)
+            for partition_ranges in by_partition.values()
+        ]
+        for future in futures:
+            try:
+                partial = future.result()
+            except BrokenProcessPool as error:
+                raise CatchUpError(f"a catch-up worker process died ({error}); run catch-up again to resume") from None
+            report.runs += partial.runs
+            report.ranges += partial.ranges
+            report.events += partial.events
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+CATCH_UP_TAGS = {"etl/trigger": "catch-up"}
+
+
+def _run_partition(settings: Settings, instance_ref: InstanceRef, ranges: list[OffsetRange]) -> CatchUpReport:
+    from clickhouse_etl.definitions import build_definitions
+
+    job = build_definitions(settings).get_job_def(INGEST_JOB_NAME)
+    with dg.DagsterInstance.from_ref(instance_ref) as instance:
+        return run_ranges(job, instance, ranges, CATCH_UP_TAGS)
 
 
 def _first_error(result: dg.ExecuteInProcessResult) -> str:

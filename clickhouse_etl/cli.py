@@ -76,7 +76,6 @@ def _catch_up(settings: Settings, args: argparse.Namespace) -> int:
     import dagster as dg
 
     from clickhouse_etl.catchup import CatchUpError, catch_up
-    from clickhouse_etl.definitions import build_definitions
     from clickhouse_etl.settings import export_dagster_home
     from clickhouse_etl.stack import ensure_schemas
 
@@ -85,9 +84,7 @@ def _catch_up(settings: Settings, args: argparse.Namespace) -> int:
     topic = args.topic or settings.topic
     with dg.DagsterInstance.get() as instance:
         try:
-            report = catch_up(
-                build_definitions(settings), instance, topic, settings.max_records_per_run, settings.start_position
-            )
+            report = catch_up(settings.model_copy(update={"topic": topic}), instance)
         except CatchUpError as error:
             print(f"clickhouse-etl catch-up: {error}", file=sys.stderr)
             return 1

@@ -6,6 +6,7 @@ is set: the UI then shows the variable's name, never its value.
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from pydantic import Field
 
 from clickhouse_etl.clickhouse_store import clickhouse_session
 from clickhouse_etl.settings import Settings
-from clickhouse_etl.steps.dedup import CLAIM_SCRIPT
+from clickhouse_etl.steps.dedup import CLAIM_SCRIPT, owners_from_reply
 from clickhouse_etl.steps.enrich import CampaignsSnapshot, snapshot_from_csv
 from clickhouse_etl.steps.ranges import OffsetRange
 
@@ -115,28 +116,22 @@ class KafkaSource(dg.ConfigurableResource):
                         )
                     continue
                 last_progress = time.monotonic()
-                for message in batch:
-                    error = message.error()
-                    if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            position = max(position, message.offset())
-                            continue
-                        if error.code() == KafkaError._AUTO_OFFSET_RESET:
-                            raise OffsetGapError(f"{topic}/{partition}: offset {position} is out of range: {error}")
-                        raise KafkaException(error)
-                    offset = message.offset()
-                    if offset >= end:
-                        position = end
-                        break
-                    if not offsets and offset > start:
-                        raise OffsetGapError(f"{topic}/{partition}: offsets [{start}, {offset}) no longer exist")
-                    offsets.append(offset)
-                    values.append(message.value())
-                    position = offset + 1
-                if position >= end:
-                    break
-                if position == high and high >= end:
-                    break
+                # One pass per attribute over the batch: no per-message Python branching on the hot path.
+                end_of_partition = position
+                if any([message.error() is not None for message in batch]):
+                    end_of_partition = self._handle_errors(batch, offset_range, position)
+                    batch = [message for message in batch if message.error() is None]
+                batch_offsets = [message.offset() for message in batch]
+                if batch_offsets and batch_offsets[-1] >= end:  # never read past end
+                    keep = bisect.bisect_left(batch_offsets, end)
+                    batch, batch_offsets = batch[:keep], batch_offsets[:keep]
+                    position = end
+                elif batch_offsets:
+                    position = batch_offsets[-1] + 1
+                # Past the last message (control records of transactions end a range without data).
+                position = max(position, end_of_partition)
+                offsets.extend(batch_offsets)
+                values.extend([message.value() for message in batch])
         return pl.DataFrame(
             {
                 "kafka_partition": pl.Series([partition] * len(offsets), dtype=pl.UInt32),
@@ -144,6 +139,21 @@ class KafkaSource(dg.ConfigurableResource):
                 "value": pl.Series(values, dtype=pl.Binary),
             }
         )
+
+    @staticmethod
+    def _handle_errors(batch: list, offset_range: OffsetRange, position: int) -> int:
+        """Raise on a real error; end-of-partition events only move the position (past control records)."""
+        for message in batch:
+            error = message.error()
+            if error is None:
+                continue
+            if error.code() == KafkaError._PARTITION_EOF:
+                position = max(position, message.offset())
+            elif error.code() == KafkaError._AUTO_OFFSET_RESET:
+                raise OffsetGapError(f"{offset_range.tp}: offset {position} is out of range (retention): {error}")
+            else:
+                raise KafkaException(error)
+        return position
 
     def commit_group_offset(self, offset_range: OffsetRange) -> None:
         """Commit `end` for the consumer group, only so external lag tools see progress."""
@@ -175,8 +185,8 @@ class DedupStore(dg.ConfigurableResource):
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url, socket_timeout=30, socket_connect_timeout=5)
 
-    def claim(self, topic: str, click_ids: list[str], positions: list[str]) -> list[bytes | None]:
-        """The previous owner of each id (None where this call made the claim). Raises if Redis fails."""
+    def claim(self, topic: str, click_ids: list[str], positions: list[str]) -> pl.Series:
+        """The previous owner of each id (null where this call made the claim). Raises if Redis fails."""
         client = self.client()
         try:
             script = client.register_script(CLAIM_SCRIPT)
@@ -192,14 +202,15 @@ class DedupStore(dg.ConfigurableResource):
                     ],
                     client=pipeline,
                 )
-            previous: list[bytes | None] = []
-            for chunk in pipeline.execute():
-                previous.extend(chunk)
+            replies = pipeline.execute()
         finally:
             client.close()
-        if len(previous) != len(click_ids):
-            raise RuntimeError(f"dedup claims answered {len(previous)} of {len(click_ids)} ids")
-        return previous
+        owners = (
+            pl.concat([owners_from_reply(reply) for reply in replies]) if replies else pl.Series([], dtype=pl.String)
+        )
+        if owners.len() != len(click_ids):
+            raise RuntimeError(f"dedup claims answered {owners.len()} of {len(click_ids)} ids")
+        return owners
 
 
 class CampaignsSource(dg.ConfigurableResource):

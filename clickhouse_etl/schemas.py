@@ -44,10 +44,15 @@ def clickhouse_ddl(database: str, dedup_window: int) -> list[str]:
             processed_at DateTime64(3, 'UTC'),
             kafka_topic LowCardinality(String),
             kafka_partition UInt32,
-            kafka_offset UInt64
+            kafka_offset UInt64,
+            -- Lets the per-run stats check read only the windows a range touched.
+            INDEX click_time_minmax click_time TYPE minmax GRANULARITY 1
         ) ENGINE = MergeTree
         ORDER BY (kafka_topic, kafka_partition, kafka_offset)
         {dedup}""",
+        # Tables created before the index existed get it too.
+        f"ALTER TABLE `{database}`.{ENRICHED_TABLE} ADD INDEX IF NOT EXISTS click_time_minmax click_time "
+        "TYPE minmax GRANULARITY 1",
         f"""CREATE TABLE IF NOT EXISTS `{database}`.{DEAD_LETTER_TABLE} (
             kafka_topic LowCardinality(String),
             kafka_partition UInt32,

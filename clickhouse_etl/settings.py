@@ -112,6 +112,9 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="A tail smaller than a full range is flushed once it waited this long"
     )
     sensor_interval_seconds: int = Field(default=5, ge=1, description="Minimum seconds between sensor ticks")
+    catch_up_workers: int = Field(
+        default=2, ge=1, le=64, description="Processes catch-up runs partitions in (one partition per process)"
+    )
     kafka_fetch_batch: int = Field(default=100_000, ge=1, description="Messages fetched per consume() call")
     clickhouse_database: str = Field(default="analytics", description="ClickHouse database of the tables")
     clickhouse_dedup_window: int = Field(

@@ -76,36 +76,60 @@ def _strictly_valid(value: bytes) -> bool:
         return False
 
 
-def _parse_values(values: list[bytes]) -> tuple[list[dict[str, str | None] | None], list[str | None]]:
-    """Parse each value as polars would alone; return per value its text fields or a parse error."""
-    rows: list[dict[str, str | None] | None] = [None] * len(values)
-    errors: list[str | None] = [None] * len(values)
+def _parse_values(values: list[bytes], looks_like_object: list[bool]) -> pl.DataFrame:
+    """Text fields and parse_error per value, in order; each value parsed exactly as polars parses it alone.
+
+    Values that do not even look like an object (`{…}`) are parsed alone at once; the rest go in chunks.
+    A chunk that fails is narrowed: values a strict parser rejects are parsed alone, the rest bisected.
+    """
+    pieces: list[pl.DataFrame] = []
+    single_indexes: list[int] = []
+    single_rows: list[dict[str, str | None]] = []
+    single_errors: list[str | None] = []
+
+    def parse_alone(i: int) -> None:
+        row, error = _parse_alone(values[i])
+        single_indexes.append(i)
+        single_rows.append(row or dict.fromkeys(REQUIRED_FIELDS))
+        single_errors.append(error)
 
     def narrow(indexes: list[int], prescreen: bool) -> None:
-        chunk = [values[i] for i in indexes]
-        parsed = _parse_chunk(chunk)
+        parsed = _parse_chunk([values[i] for i in indexes])
         if parsed is not None:
-            for i, row in zip(indexes, parsed.iter_rows(named=True), strict=True):
-                rows[i] = row
-            return
-        if len(indexes) == 1:
-            rows[indexes[0]], errors[indexes[0]] = _parse_alone(chunk[0])
-            return
-        if prescreen:
-            suspects = [i for i in indexes if not _strictly_valid(values[i])]
-            for i in suspects:
-                rows[i], errors[i] = _parse_alone(values[i])
-            rest = sorted(set(indexes) - set(suspects))
+            pieces.append(parsed.with_columns(index=pl.Series(indexes, dtype=pl.UInt32)))
+        elif len(indexes) == 1:
+            parse_alone(indexes[0])
+        elif prescreen:
+            suspects = {i for i in indexes if not _strictly_valid(values[i])}
+            for i in sorted(suspects):
+                parse_alone(i)
+            rest = [i for i in indexes if i not in suspects]
             if rest:
                 narrow(rest, prescreen=False)
-            return
-        middle = len(indexes) // 2
-        narrow(indexes[:middle], prescreen=False)
-        narrow(indexes[middle:], prescreen=False)
+        else:
+            middle = len(indexes) // 2
+            narrow(indexes[:middle], prescreen=False)
+            narrow(indexes[middle:], prescreen=False)
 
-    for first in range(0, len(values), FAST_PATH_CHUNK):
-        narrow(list(range(first, min(first + FAST_PATH_CHUNK, len(values)))), prescreen=True)
-    return rows, errors
+    objects = [i for i, plausible in enumerate(looks_like_object) if plausible]
+    for i, plausible in enumerate(looks_like_object):
+        if not plausible:
+            parse_alone(i)
+    for first in range(0, len(objects), FAST_PATH_CHUNK):
+        narrow(objects[first : first + FAST_PATH_CHUNK], prescreen=True)
+
+    parse_error = pl.lit(None, dtype=pl.String).alias("parse_error")
+    frames = [piece.with_columns(parse_error) for piece in pieces]
+    if single_indexes:
+        frames.append(
+            pl.DataFrame(single_rows, schema=TEXT_SCHEMA, orient="row").with_columns(
+                index=pl.Series(single_indexes, dtype=pl.UInt32),
+                parse_error=pl.Series(single_errors, dtype=pl.String),
+            )
+        )
+    if not frames:
+        return pl.DataFrame(schema={**TEXT_SCHEMA, "parse_error": pl.String})
+    return pl.concat(frames, how="vertical").sort("index").drop("index")
 
 
 def _one_line(value: bytes) -> bytes:
@@ -194,14 +218,9 @@ def decode_events(raw: pl.DataFrame, max_message_bytes: int) -> DecodedBatch:
         for i in with_breaks.arg_true().to_list():
             values[i] = _one_line(values[i])
 
-    parsed = _parse_chunk(values) if len(values) <= FAST_PATH_CHUNK else None
-    if parsed is not None:
-        text = parsed.with_columns(parse_error=pl.lit(None, dtype=pl.String))
-    else:
-        rows, errors = _parse_values(values)
-        text = pl.DataFrame(
-            [row or dict.fromkeys(REQUIRED_FIELDS) for row in rows], schema=TEXT_SCHEMA, orient="row"
-        ).with_columns(parse_error=pl.Series(errors, dtype=pl.String))
+    as_parsed = pl.Series(values, dtype=pl.Binary)
+    looks_like_object = (as_parsed.bin.starts_with(b"{") & as_parsed.bin.ends_with(b"}")).to_list()
+    text = _parse_values(values, looks_like_object)
 
     checked = (
         pl.concat([candidates.select("kafka_partition", "kafka_offset", "value"), text], how="horizontal")

@@ -9,7 +9,6 @@ import dagster as dg
 from clickhouse_etl import demo_data, schemas
 from clickhouse_etl.catchup import CatchUpReport, catch_up
 from clickhouse_etl.clickhouse_store import clickhouse_session
-from clickhouse_etl.definitions import build_definitions
 from clickhouse_etl.settings import Settings
 
 ALL_KINDS = demo_data.EventShares(
@@ -30,14 +29,7 @@ def produce(settings: Settings, count: int, shares: demo_data.EventShares = ALL_
 
 
 def run_catch_up(settings: Settings, instance: dg.DagsterInstance) -> CatchUpReport:
-    return catch_up(
-        build_definitions(settings),
-        instance,
-        settings.topic,
-        settings.max_records_per_run,
-        settings.start_position,
-        echo=lambda _: None,
-    )
+    return catch_up(settings, instance, echo=lambda _: None)
 
 
 def query(settings: Settings, sql: str, **parameters: object) -> list[tuple]:

@@ -131,6 +131,7 @@ def test_run_killed_after_load_before_commit_is_recovered_exactly_once(
         "CLICKHOUSE_ETL_TOPIC": settings.topic,
         "CLICKHOUSE_ETL_MAX_RECORDS_PER_RUN": str(settings.max_records_per_run),
         "CLICKHOUSE_ETL_FAILPOINT": "after_load",
+        "CLICKHOUSE_ETL_CATCH_UP_WORKERS": "1",  # the process that runs the job is the one killed
     }
     crashed = subprocess.run(
         [sys.executable, "-m", "clickhouse_etl.cli", "catch-up"], env=env, capture_output=True, text=True, timeout=300
