@@ -1,7 +1,8 @@
 """`clickhouse-etl bench`: end-to-end throughput of the real job against the local stack, and a naive baseline.
 
-A fresh topic gets N generated events; `catch-up` runs in a child process (so its peak RSS is its own) through
-the real Dagster job; the loaded counts are checked before any rate is printed. The baseline processes the
+A fresh topic gets N generated events and the claims go to an emptied Redis database 15; `catch-up` runs in
+a child process (so its peak RSS is its own) through the real Dagster job; the loaded counts are checked
+before any rate is printed. The baseline processes the
 same messages the way hand-written services do: one Redis SETNX and one PostgreSQL lookup per event, and a
 batched insert.
 """
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
 import orjson
@@ -272,9 +274,20 @@ def _ipv4_in(address: str, network: object) -> bool:
     return ipaddress.IPv4Address(address) in network  # type: ignore[operator]
 
 
+BENCH_REDIS_DB = 15
+
+
+def bench_redis_url(redis_url: str) -> str:
+    """The same Redis, database 15: the bench starts from an empty claim store every time (comparable runs)."""
+    parts = urlsplit(redis_url)
+    return urlunsplit(parts._replace(path=f"/{BENCH_REDIS_DB}"))
+
+
 def run_bench(
     settings: Settings, events: int, partitions: int, baseline_events: int, say: Callable[[str], None] = print
 ) -> BenchResult:
+    settings = settings.model_copy(update={"redis_url": bench_redis_url(settings.redis_url)})
+    redis.Redis.from_url(settings.redis_url).flushdb()
     topic = f"bench_{uuid.uuid4().hex[:10]}"
     _create_topic(settings, topic, partitions)
     say(f"producing {events} events to {topic} ({partitions} partitions)…")

@@ -34,6 +34,8 @@ def compare_window_stats(
 ) -> WindowCheck:
     """Compare the stats view with clicks/uniqExact over ad_clicks_enriched, for windows in [first, last]."""
     view, column, truncate = WINDOWS[window]
+    if window == "hour" and first is not None:
+        first = first.replace(minute=0, second=0, microsecond=0)  # the hour holding the first minute
     bounds = {"first": first or datetime(1970, 1, 1), "last": last or datetime(2299, 12, 31)}
     stats = client.query(
         f"SELECT {column}, campaign_name, clicks, unique_users FROM `{database}`.{view} "

@@ -21,13 +21,12 @@ from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from pydantic import Field
 
+from clickhouse_etl import claims
 from clickhouse_etl.clickhouse_store import clickhouse_session
 from clickhouse_etl.settings import Settings
-from clickhouse_etl.steps.dedup import CLAIM_SCRIPT, owners_from_reply
 from clickhouse_etl.steps.enrich import CampaignsSnapshot, snapshot_from_csv
 from clickhouse_etl.steps.ranges import OffsetRange
 
-CLAIM_CHUNK = 20_000
 SNAPSHOT_COPY = (
     "COPY (SELECT ad_id, campaign_name, campaign_budget FROM campaigns ORDER BY ad_id) TO STDOUT (FORMAT CSV)"
 )
@@ -57,7 +56,7 @@ class KafkaSource(dg.ConfigurableResource):
             "enable.partition.eof": True,
             "fetch.max.bytes": 104_857_600,
             "max.partition.fetch.bytes": 52_428_800,
-            "queued.max.messages.kbytes": 262_144,
+            "queued.max.messages.kbytes": 65_536,
             "log_level": 4,
             **json.loads(self.extra_config_json),
             **overrides,
@@ -92,8 +91,8 @@ class KafkaSource(dg.ConfigurableResource):
     def read_range(self, offset_range: OffsetRange) -> pl.DataFrame:
         """Exactly the messages of [start, end) as (kafka_partition, kafka_offset, value)."""
         topic, partition, start, end = offset_range.topic, offset_range.partition, offset_range.start, offset_range.end
-        offsets: list[int] = []
-        values: list[bytes | None] = []
+        offsets: list[pl.Series] = []
+        values: list[pl.Series] = []
         with self.consumer() as consumer:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
             if start < low:
@@ -130,13 +129,15 @@ class KafkaSource(dg.ConfigurableResource):
                     position = batch_offsets[-1] + 1
                 # Past the last message (control records of transactions end a range without data).
                 position = max(position, end_of_partition)
-                offsets.extend(batch_offsets)
-                values.extend([message.value() for message in batch])
+                # Columns per batch: Python objects of one batch at a time, never of the whole range.
+                offsets.append(pl.Series(batch_offsets, dtype=pl.UInt64))
+                values.append(pl.Series([message.value() for message in batch], dtype=pl.Binary))
+        offset_column = pl.concat(offsets) if offsets else pl.Series([], dtype=pl.UInt64)
         return pl.DataFrame(
             {
-                "kafka_partition": pl.Series([partition] * len(offsets), dtype=pl.UInt32),
-                "kafka_offset": pl.Series(offsets, dtype=pl.UInt64),
-                "value": pl.Series(values, dtype=pl.Binary),
+                "kafka_partition": pl.repeat(partition, offset_column.len(), dtype=pl.UInt32, eager=True),
+                "kafka_offset": offset_column,
+                "value": pl.concat(values) if values else pl.Series([], dtype=pl.Binary),
             }
         )
 
@@ -185,32 +186,10 @@ class DedupStore(dg.ConfigurableResource):
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url, socket_timeout=30, socket_connect_timeout=5)
 
-    def claim(self, topic: str, click_ids: list[str], positions: list[str]) -> pl.Series:
+    def claim(self, topic: str, click_ids: pl.Series, positions: pl.Series) -> pl.Series:
         """The previous owner of each id (null where this call made the claim). Raises if Redis fails."""
-        client = self.client()
-        try:
-            script = client.register_script(CLAIM_SCRIPT)
-            pipeline = client.pipeline(transaction=False)
-            for first in range(0, len(click_ids), CLAIM_CHUNK):
-                script(
-                    keys=[],
-                    args=[
-                        f"{self.key_prefix}:{topic}:",
-                        self.ttl_seconds,
-                        "\n".join(click_ids[first : first + CLAIM_CHUNK]),
-                        "\n".join(positions[first : first + CLAIM_CHUNK]),
-                    ],
-                    client=pipeline,
-                )
-            replies = pipeline.execute()
-        finally:
-            client.close()
-        owners = (
-            pl.concat([owners_from_reply(reply) for reply in replies]) if replies else pl.Series([], dtype=pl.String)
-        )
-        if owners.len() != len(click_ids):
-            raise RuntimeError(f"dedup claims answered {owners.len()} of {len(click_ids)} ids")
-        return owners
+        keys = (f"{self.key_prefix}:{topic}:" + click_ids).alias("key")
+        return claims.claim(self.redis_url, keys, positions, self.ttl_seconds)
 
 
 class CampaignsSource(dg.ConfigurableResource):

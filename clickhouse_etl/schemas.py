@@ -37,7 +37,7 @@ def clickhouse_ddl(database: str, dedup_window: int) -> list[str]:
             click_id String,
             user_id String,
             ad_id Int64,
-            campaign_name Nullable(String),
+            campaign_name LowCardinality(Nullable(String)),
             campaign_budget Nullable(Decimal(14, 2)),
             ip_address String,
             click_time DateTime64(3, 'UTC'),
@@ -67,7 +67,7 @@ def clickhouse_ddl(database: str, dedup_window: int) -> list[str]:
         # backfill can replace exactly one range's contribution, and user ids stay exact across ranges.
         f"""CREATE TABLE IF NOT EXISTS `{database}`.{PARTIALS_TABLE} (
             minute DateTime('UTC'),
-            campaign_name Nullable(String),
+            campaign_name LowCardinality(Nullable(String)),
             clicks UInt64,
             user_ids Array(String),
             kafka_topic LowCardinality(String),

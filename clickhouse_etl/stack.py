@@ -335,6 +335,9 @@ class RedisService:
                 str(self.log_path),
                 "--appendonly",
                 "yes",
+                # Rewriting the append-only file forks and copies every claim: rarely, on two cores.
+                "--auto-aof-rewrite-min-size",
+                "1gb",
                 "--appendfsync",
                 "everysec",
                 "--save",

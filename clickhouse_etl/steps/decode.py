@@ -76,7 +76,7 @@ def _strictly_valid(value: bytes) -> bool:
         return False
 
 
-def _parse_values(values: list[bytes], looks_like_object: list[bool]) -> pl.DataFrame:
+def _parse_values(values: pl.Series, looks_like_object: list[bool]) -> pl.DataFrame:
     """Text fields and parse_error per value, in order; each value parsed exactly as polars parses it alone.
 
     Values that do not even look like an object (`{…}`) are parsed alone at once; the rest go in chunks.
@@ -94,13 +94,14 @@ def _parse_values(values: list[bytes], looks_like_object: list[bool]) -> pl.Data
         single_errors.append(error)
 
     def narrow(indexes: list[int], prescreen: bool) -> None:
-        parsed = _parse_chunk([values[i] for i in indexes])
+        parsed = _parse_chunk(values.gather(indexes).to_list())
         if parsed is not None:
             pieces.append(parsed.with_columns(index=pl.Series(indexes, dtype=pl.UInt32)))
         elif len(indexes) == 1:
             parse_alone(indexes[0])
         elif prescreen:
-            suspects = {i for i in indexes if not _strictly_valid(values[i])}
+            chunk = values.gather(indexes).to_list()
+            suspects = {i for i, value in zip(indexes, chunk, strict=True) if not _strictly_valid(value)}
             for i in sorted(suspects):
                 parse_alone(i)
             rest = [i for i in indexes if i not in suspects]
@@ -212,14 +213,12 @@ def decode_events(raw: pl.DataFrame, max_message_bytes: int) -> DecodedBatch:
     """Split a raw batch (kafka_partition, kafka_offset, value) into typed events and dead letters."""
     screened = raw.with_columns(error=_screen(raw, max_message_bytes))
     candidates = screened.filter(pl.col("error").is_null())
-    values = candidates["value"].to_list()
-    with_breaks = candidates["value"].bin.contains(b"\n") | candidates["value"].bin.contains(b"\r")
-    if with_breaks.any():
-        for i in with_breaks.arg_true().to_list():
-            values[i] = _one_line(values[i])
-
-    as_parsed = pl.Series(values, dtype=pl.Binary)
-    looks_like_object = (as_parsed.bin.starts_with(b"{") & as_parsed.bin.ends_with(b"}")).to_list()
+    values = candidates["value"]
+    with_breaks = (values.bin.contains(b"\n") | values.bin.contains(b"\r")).arg_true()
+    if with_breaks.len():
+        one_line = [_one_line(value) for value in values.gather(with_breaks).to_list()]
+        values = values.scatter(with_breaks, pl.Series(one_line, dtype=pl.Binary))
+    looks_like_object = (values.bin.starts_with(b"{") & values.bin.ends_with(b"}")).to_list()
     text = _parse_values(values, looks_like_object)
 
     checked = (
