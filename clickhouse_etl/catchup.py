@@ -115,8 +115,8 @@ def catch_up(
 ) -> CatchUpReport:
     """Process every range available now; raise CatchUpError if one still fails after retries.
 
-    Partitions run in parallel in up to `catch_up_workers` processes (ranges of one partition in order, in one
-    process): while one waits on Redis, Kafka or ClickHouse, another computes.
+    Partitions run in parallel in up to `catch_up_workers` processes, this one included (ranges of one
+    partition in order, in one process): while one waits on Redis, Kafka or ClickHouse, another computes.
     """
     from clickhouse_etl.definitions import build_definitions
 
@@ -131,13 +131,13 @@ def catch_up(
     if settings.catch_up_workers <= 1 or len(by_partition) <= 1:
         return run_ranges(defs.get_job_def(INGEST_JOB_NAME), instance, ranges, CATCH_UP_TAGS, echo=echo)
     started = time.perf_counter()
-    report = CatchUpReport()
-    # Spawned, not forked: a forked child would inherit this process's embedded ClickHouse state.
-    with ProcessPoolExecutor(settings.catch_up_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [
-            pool.submit(_run_partition, settings, instance.get_ref(), partition_ranges)
-            for partition_ranges in by_partition.values()
-        ]
+    groups = list(by_partition.values())
+    job = defs.get_job_def(INGEST_JOB_NAME)
+    # This process takes the first partition; spawned workers (not forked: a fork would inherit this
+    # process's embedded ClickHouse state) take the others.
+    with ProcessPoolExecutor(settings.catch_up_workers - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_partition, settings, instance.get_ref(), group) for group in groups[1:]]
+        report = run_ranges(job, instance, groups[0], CATCH_UP_TAGS, echo=echo)
         for future in futures:
             try:
                 partial = future.result()

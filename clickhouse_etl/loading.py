@@ -1,8 +1,9 @@
 """Load: idempotent ClickHouse inserts of one offset range.
 
-Each table receives a range in one insert block carrying the token `<topic>/<partition>/<start>-<end>/<table>`,
-so ClickHouse skips an insert it has seen inside its deduplication window. Beyond the window, a range whose
-rows are already present is not inserted again (a range is written all at once or not at all). A forced
+A range's rows go in per window of at most INSERT_WINDOW offsets, each one insert block carrying the token
+`<topic>/<partition>/<start>-<end>/<table>` of its window, so ClickHouse skips an insert it has seen inside its
+deduplication window. Beyond the window, a unit whose rows are already present is not inserted again (a unit
+is written all at once or not at all). A forced
 reload first deletes the range's rows and then inserts under a token of its own.
 """
 
@@ -14,9 +15,11 @@ import polars as pl
 from clickhouse_connect.driver.client import Client
 
 from clickhouse_etl.schemas import DEAD_LETTER_TABLE, ENRICHED_TABLE, PARTIALS_TABLE
-from clickhouse_etl.steps.ranges import OffsetRange
+from clickhouse_etl.steps.ranges import OffsetRange, split_range
 
-# One block per insert: a range is present completely or not at all, and its token names one block.
+# An insert unit: at most this many offsets of a range, written as one block (present whole or not at all).
+INSERT_WINDOW = 250_000
+# One block per insert: a unit is present completely or not at all, and its token names one block.
 SINGLE_BLOCK = {
     "max_insert_block_size": 100_000_000,
     "min_insert_block_size_rows": 100_000_000,
@@ -89,6 +92,28 @@ def insert_range(
     return TableLoad(table, rows.height, inserted=True)
 
 
+def insert_by_offset_window(
+    client: Client,
+    database: str,
+    table: str,
+    offset_range: OffsetRange,
+    rows: pl.DataFrame,
+    force_token: str | None = None,
+) -> TableLoad:
+    """Rows of a range inserted per window of at most INSERT_WINDOW offsets, each window as one unit.
+
+    Windows are fixed by offsets, not by rows, so a replay cuts them the same way and finds each one
+    present or absent as a whole; an insert's memory stays bounded whatever the range size.
+    """
+    loads = []
+    for window in split_range(
+        offset_range.topic, offset_range.partition, offset_range.start, offset_range.end, INSERT_WINDOW
+    ):
+        in_window = rows.filter(pl.col("kafka_offset").is_between(window.start, window.end, closed="left"))
+        loads.append(insert_range(client, database, table, window, in_window, force_token))
+    return TableLoad(table, rows.height, inserted=any(load.inserted for load in loads))
+
+
 def load_range(
     client: Client,
     database: str,
@@ -100,7 +125,8 @@ def load_range(
 ) -> list[TableLoad]:
     """Dead letters, then enriched rows, then their partial aggregates: every insert idempotent."""
     return [
-        insert_range(client, database, DEAD_LETTER_TABLE, offset_range, dead_letters, force_token),
-        insert_range(client, database, ENRICHED_TABLE, offset_range, enriched, force_token),
+        insert_by_offset_window(client, database, DEAD_LETTER_TABLE, offset_range, dead_letters, force_token),
+        insert_by_offset_window(client, database, ENRICHED_TABLE, offset_range, enriched, force_token),
+        # Partials belong to the whole range: one insert, present or absent with the range.
         insert_range(client, database, PARTIALS_TABLE, offset_range, partials, force_token),
     ]

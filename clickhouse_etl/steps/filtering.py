@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 import polars as pl
@@ -22,10 +23,12 @@ class NetworkRules:
         )
 
     def blocks_ipv6(self, address: str) -> bool:
-        ip = ipaddress.IPv6Address(address)
-        if ip.ipv4_mapped is not None and any(ip.ipv4_mapped in n for n in self.ipv4):
-            return True
-        return any(ip in n for n in self.ipv6)
+        value = int.from_bytes(socket.inet_pton(socket.AF_INET6, address))
+        if value >> 32 == 0xFFFF:  # IPv4-mapped (::ffff:a.b.c.d): the IPv4 rules apply
+            mapped = value & 0xFFFF_FFFF
+            if any(mapped & int(n.netmask) == int(n.network_address) for n in self.ipv4):
+                return True
+        return any(value & int(n.netmask) == int(n.network_address) for n in self.ipv6)
 
 
 def _ipv4_as_int() -> pl.Expr:
