@@ -112,7 +112,7 @@ class BenchResult:
                 f"naive per-event baseline: {self.baseline_events_per_second:,.0f} events/s on the first "
                 f"{self.baseline_events} events ({self.events_per_second / self.baseline_events_per_second:.1f}x)"
             )
-        lines.append(f"end-to-end: {self.events_per_second:,.0f} events/s")
+        lines.append(f"end-to-end: {self.events_per_second:.0f} events/s")
         return "\n".join(lines)
 
 
