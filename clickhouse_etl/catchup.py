@@ -162,10 +162,16 @@ def _run_partition(settings: Settings, instance_ref: InstanceRef, ranges: list[O
 
 
 def _first_error(result: dg.ExecuteInProcessResult) -> str:
+    """The failed step and its error chain, outermost first (retries exhausted ← what the op raised ← …)."""
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
-            error = event.step_failure_data.error
-            while error.cause is not None and error.message.startswith("dagster."):
+            messages, error = [], event.step_failure_data.error
+            while error is not None and len(messages) < 4:
+                lines = error.message.strip().splitlines()
+                if lines:
+                    messages.append(
+                        lines[-1] if error.cls_name is None else f"{error.cls_name}: {lines[-1].split(': ', 1)[-1]}"
+                    )
                 error = error.cause
-            return f"{event.step_key}: {error.message.strip().splitlines()[-1]}"
+            return f"{event.step_key}: " + " <- ".join(messages)
     return "run failed"

@@ -17,7 +17,15 @@ from pydantic import Field
 from clickhouse_etl import schemas
 from clickhouse_etl.failpoints import failpoint
 from clickhouse_etl.loading import TableLoad, load_range
-from clickhouse_etl.resources import CampaignsSource, ClickHouseWarehouse, DedupStore, IngestRules, KafkaSource
+from clickhouse_etl.resources import (
+    CampaignsSource,
+    ClickHouseWarehouse,
+    DedupStore,
+    IngestRules,
+    KafkaSource,
+    OffsetGapError,
+    OffsetRangeError,
+)
 from clickhouse_etl.steps import aggregate, decode, dedup, enrich, filtering, transform
 from clickhouse_etl.steps.ranges import OffsetRange
 
@@ -68,7 +76,11 @@ def _stage_metadata(stage: Stage) -> dict[str, object]:
 def read(context: dg.OpExecutionContext, config: OffsetRangeConfig, kafka: KafkaSource) -> Stage:
     started = time.perf_counter()
     offset_range = OffsetRange(config.topic, config.partition, config.start, config.end)
-    raw = kafka.read_range(offset_range)
+    try:
+        raw = kafka.read_range(offset_range)
+    except (OffsetGapError, OffsetRangeError) as error:
+        # Retrying cannot bring offsets back or move a watermark: fail at once, with the reason.
+        raise dg.Failure(description=str(error), allow_retries=False) from error
     stage = Stage(offset_range, raw, {"read": raw.height}, time.perf_counter() - started)
     context.add_output_metadata(_stage_metadata(stage))
     failpoint("after_read")

@@ -36,6 +36,10 @@ class OffsetGapError(RuntimeError):
     """Offsets of a requested range no longer exist in Kafka (retention); never skipped silently."""
 
 
+class OffsetRangeError(ValueError):
+    """A requested range reaches beyond the partition's high watermark."""
+
+
 class KafkaSource(dg.ConfigurableResource):
     """Reads exact offset ranges by assignment (no group rebalancing); commits ends for lag tools."""
 
@@ -101,7 +105,7 @@ class KafkaSource(dg.ConfigurableResource):
                     f"(low watermark {low}, retention); the range cannot be read"
                 )
             if end > high:
-                raise ValueError(f"{topic}/{partition}: range end {end} is beyond the high watermark {high}")
+                raise OffsetRangeError(f"{topic}/{partition}: range end {end} is beyond the high watermark {high}")
             consumer.assign([TopicPartition(topic, partition, start)])
             position = start
             last_progress = time.monotonic()
@@ -277,5 +281,6 @@ __all__ = [
     "IngestRules",
     "KafkaSource",
     "OffsetGapError",
+    "OffsetRangeError",
     "resources_from_settings",
 ]

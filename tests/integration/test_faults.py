@@ -1,0 +1,125 @@
+"""Dependency outages fail the run closed, offsets do not advance, and a later run loads exactly once."""
+
+from __future__ import annotations
+
+import fcntl
+
+import dagster as dg
+import pytest
+
+from clickhouse_etl import stack
+from clickhouse_etl.catchup import _first_error, run_range
+from clickhouse_etl.definitions import build_definitions
+from clickhouse_etl.jobs import INGEST_JOB_NAME
+from clickhouse_etl.ledger import read_ledger
+from clickhouse_etl.settings import Settings
+from clickhouse_etl.steps.ranges import OffsetRange
+
+from .helpers import enriched_rows, produce, run_catch_up
+from .test_ingest import assert_matches_reference
+
+pytestmark = pytest.mark.integration
+
+
+def first_range(settings: Settings) -> OffsetRange:
+    return OffsetRange(settings.topic, 0, 0, 1_000)
+
+
+def run_once(settings: Settings, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+    job = build_definitions(settings).get_job_def(INGEST_JOB_NAME)
+    return run_range(job, instance, first_range(settings))
+
+
+def assert_nothing_committed(settings: Settings, instance: dg.DagsterInstance) -> None:
+    entry = read_ledger(instance, settings.topic).get(0)
+    assert entry is None or entry.committed_end is None  # offsets did not advance
+    assert entry is not None and first_range(settings) in entry.failed  # failed, awaiting retry
+
+
+def restart(service: stack.RedisService | stack.PostgresService, settings: Settings) -> None:
+    """Start a stopped service again and record its new pid, so `stack down` still stops it."""
+    pid = service.start()
+    state = stack.started_pids(settings)
+    state[service.name] = pid
+    stack._write_state(settings, state)
+
+
+def test_redis_down_fails_closed_and_nothing_is_loaded_without_a_claim(
+    settings: Settings, instance: dg.DagsterInstance
+) -> None:
+    produce(settings, 3_000, seed=31)
+    redis_service = stack.RedisService(settings)
+    redis_service.stop(stack.started_pids(settings)["redis"])
+    try:
+        result = run_once(settings, instance)
+        assert not result.success
+        assert "dedup_events" in _first_error(result) and "Redis" in _first_error(result)
+        assert enriched_rows(settings) == []
+        assert_nothing_committed(settings, instance)
+    finally:
+        restart(redis_service, settings)
+    run_catch_up(settings, instance)
+    assert_matches_reference(settings)
+
+
+def test_postgres_down_fails_the_run_clearly(settings: Settings, instance: dg.DagsterInstance) -> None:
+    produce(settings, 3_000, seed=32)
+    postgres = stack.PostgresService(settings)
+    postgres.stop(stack.started_pids(settings)["postgres"])
+    try:
+        result = run_once(settings, instance)
+        assert not result.success
+        assert "enrich_events" in _first_error(result)
+        assert enriched_rows(settings) == []
+        assert_nothing_committed(settings, instance)
+    finally:
+        restart(postgres, settings)
+    run_catch_up(settings, instance)
+    assert_matches_reference(settings)
+
+
+def test_embedded_clickhouse_held_elsewhere_retries_then_fails_without_advancing(
+    settings: Settings, instance: dg.DagsterInstance
+) -> None:
+    produce(settings, 3_000, seed=33)
+    waiting = settings.model_copy(update={"clickhouse_lock_timeout_seconds": 1.0})
+    lock_path = settings.chdb_path.with_name(settings.chdb_path.name + ".lock")
+    with open(lock_path, "a+") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)  # another "process" holds the store
+        result = run_once(waiting, instance)
+        fcntl.flock(holder.fileno(), fcntl.LOCK_UN)
+    assert not result.success
+    assert "load" in _first_error(result) and "stayed held by another process" in _first_error(result)
+    load_attempts = [e for e in result.all_events if e.step_key == "load" and e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert len(load_attempts) == 3  # retried with backoff before failing
+    assert_nothing_committed(settings, instance)
+    run_catch_up(settings, instance)  # the claims of the failed run are its own: nothing lost, nothing twice
+    assert_matches_reference(settings)
+
+
+def test_clickhouse_server_refusing_connections_fails_the_run(settings: Settings, instance: dg.DagsterInstance) -> None:
+    produce(settings, 4_000, seed=34)
+    refusing = settings.model_copy(
+        update={"clickhouse_dsn": "http://127.0.0.1:1", "clickhouse_lock_timeout_seconds": 1.0}
+    )
+    result = run_once(refusing, instance)
+    assert not result.success
+    assert "load" in _first_error(result) and "unavailable" in _first_error(result)
+    assert_nothing_committed(refusing, instance)
+
+
+def test_kafka_offsets_gone_are_a_clear_gap(settings: Settings, instance: dg.DagsterInstance) -> None:
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    produce(settings, 3_000, seed=35)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    # Retention in miniature: delete the records before offset 500 of partition 0.
+    deleted = admin.delete_records([TopicPartition(settings.topic, 0, 500)])
+    for future in deleted.values():
+        future.result(30)
+    result = run_once(settings, instance)  # [0, 1000) starts below the new low watermark
+    assert not result.success
+    assert "no longer exist" in _first_error(result) and "low watermark 500" in _first_error(result)
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]  # retrying cannot help
+    assert_nothing_committed(settings, instance)
