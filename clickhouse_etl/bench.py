@@ -34,6 +34,7 @@ from clickhouse_etl.clickhouse_store import clickhouse_session
 from clickhouse_etl.jobs import INGEST_JOB_NAME
 from clickhouse_etl.settings import Settings
 from clickhouse_etl.steps.filtering import NetworkRules
+from clickhouse_etl.steps.transform import ENRICHED_COLUMNS
 
 BENCH_SHARES = demo_data.EventShares(
     duplicate=0.10,
@@ -243,29 +244,14 @@ def naive_baseline(settings: Settings, topic: str, partitions: int, events: int)
                 ]
             )
             if len(rows) >= 10_000:
-                warehouse.insert(table, rows, column_names=list(_ENRICHED_NAMES))
+                warehouse.insert(table, rows, column_names=list(ENRICHED_COLUMNS))
                 rows = []
         if rows:
-            warehouse.insert(table, rows, column_names=list(_ENRICHED_NAMES))
+            warehouse.insert(table, rows, column_names=list(ENRICHED_COLUMNS))
         seconds = time.perf_counter() - started
         warehouse.command(f"DROP TABLE {table}")
     consumer.close()
     return seconds
-
-
-_ENRICHED_NAMES = (
-    "click_id",
-    "user_id",
-    "ad_id",
-    "campaign_name",
-    "campaign_budget",
-    "ip_address",
-    "click_time",
-    "processed_at",
-    "kafka_topic",
-    "kafka_partition",
-    "kafka_offset",
-)
 
 
 def _ipv4_in(address: str, network: object) -> bool:

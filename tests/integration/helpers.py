@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -84,3 +87,34 @@ def direct_stats(settings: Settings) -> dict[tuple, tuple[int, int]]:
         f"FROM analytics.{schemas.ENRICHED_TABLE} GROUP BY 1, 2",
     )
     return {(_utc(minute), name): (clicks, users) for minute, name, clicks, users in rows}
+
+
+CLI = [sys.executable, "-m", "clickhouse_etl.cli"]
+
+
+def cli_env(settings: Settings, dagster_home: str = "", **extra: str) -> dict[str, str]:
+    """The environment a command-line process needs to use the test's stack, topic and Dagster home."""
+    return {
+        **os.environ,
+        "CLICKHOUSE_ETL_DATA_DIR": str(settings.data_dir),
+        "CLICKHOUSE_DSN": settings.clickhouse_dsn,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "REDIS_URL": settings.redis_url,
+        "POSTGRES_DSN": settings.postgres_dsn,
+        "CLICKHOUSE_ETL_TOPIC": settings.topic,
+        "CLICKHOUSE_ETL_MAX_RECORDS_PER_RUN": str(settings.max_records_per_run),
+        **({"DAGSTER_HOME": dagster_home} if dagster_home else {}),
+        **extra,
+    }
+
+
+def cli(
+    settings: Settings, *args: str, extra_env: dict[str, str] | None = None, dagster_home: str = ""
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        env=cli_env(settings, dagster_home, **(extra_env or {})),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

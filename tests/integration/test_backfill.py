@@ -18,8 +18,7 @@ from clickhouse_etl.sensors import build_backfill_sensor
 from clickhouse_etl.settings import Settings
 from clickhouse_etl.steps.ranges import OffsetRange
 
-from .helpers import enriched_rows, produce, warehouse_snapshot
-from .test_cli import cli
+from .helpers import CLI, cli, cli_env, enriched_rows, produce, warehouse_snapshot
 from .test_ingest import assert_matches_reference
 
 pytestmark = pytest.mark.integration
@@ -76,7 +75,7 @@ def test_forced_backfills_of_several_partitions_in_parallel(settings: Settings, 
     highs = {p: max(o for q, o in ((r[8], r[9]) for r in enriched_rows(settings)) if q == p) for p in range(3)}
     processes = [
         subprocess.Popen(
-            [*cli_command(), "backfill", "--partition", str(p), "--start", "0", "--end", str(highs[p] + 1), "--force"],
+            [*CLI, "backfill", "--partition", str(p), "--start", "0", "--end", str(highs[p] + 1), "--force"],
             env=cli_env(settings, home),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -89,27 +88,6 @@ def test_forced_backfills_of_several_partitions_in_parallel(settings: Settings, 
         assert process.returncode == 0, err[-2000:]
     assert without_processed_at(warehouse_snapshot(settings)) == before
     assert_matches_reference(settings)
-
-
-def cli_command() -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "clickhouse_etl.cli"]
-
-
-def cli_env(settings: Settings, home: str) -> dict[str, str]:
-    import os
-
-    return {
-        **os.environ,
-        "CLICKHOUSE_ETL_DATA_DIR": str(settings.data_dir),
-        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "REDIS_URL": settings.redis_url,
-        "POSTGRES_DSN": settings.postgres_dsn,
-        "CLICKHOUSE_ETL_TOPIC": settings.topic,
-        "CLICKHOUSE_ETL_MAX_RECORDS_PER_RUN": str(settings.max_records_per_run),
-        "DAGSTER_HOME": home,
-    }
 
 
 @pytest.mark.parametrize(

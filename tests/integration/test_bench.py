@@ -8,7 +8,7 @@ import pytest
 
 from clickhouse_etl.settings import Settings
 
-from .test_cli import cli
+from .helpers import cli
 
 pytestmark = pytest.mark.integration
 

@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from clickhouse_etl.settings import Settings
 
+from .helpers import cli
+
 pytestmark = pytest.mark.integration
-
-
-def cli(
-    settings: Settings, *args: str, extra_env: dict[str, str] | None = None, dagster_home: str = ""
-) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "CLICKHOUSE_ETL_DATA_DIR": str(settings.data_dir),
-        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "REDIS_URL": settings.redis_url,
-        "POSTGRES_DSN": settings.postgres_dsn,
-        "CLICKHOUSE_ETL_TOPIC": settings.topic,
-        "CLICKHOUSE_ETL_MAX_RECORDS_PER_RUN": str(settings.max_records_per_run),
-        **({"DAGSTER_HOME": dagster_home} if dagster_home else {}),
-        **(extra_env or {}),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "clickhouse_etl.cli", *args], env=env, capture_output=True, text=True, timeout=300
-    )
 
 
 def test_produce_catch_up_and_query(settings: Settings, tmp_path) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from datetime import UTC
 
 import dagster as dg
@@ -19,6 +17,8 @@ from clickhouse_etl.sensors import build_kafka_sensor
 from clickhouse_etl.settings import Settings
 
 from .helpers import (
+    CLI,
+    cli_env,
     dead_letter_rows,
     direct_stats,
     enriched_rows,
@@ -120,22 +120,9 @@ def test_run_killed_after_load_before_commit_is_recovered_exactly_once(
     settings: Settings, instance: dg.DagsterInstance, tmp_path
 ) -> None:
     produce(settings, 9_000)
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(tmp_path),
-        "CLICKHOUSE_ETL_DATA_DIR": str(settings.data_dir),
-        "CLICKHOUSE_DSN": settings.clickhouse_dsn,
-        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "REDIS_URL": settings.redis_url,
-        "POSTGRES_DSN": settings.postgres_dsn,
-        "CLICKHOUSE_ETL_TOPIC": settings.topic,
-        "CLICKHOUSE_ETL_MAX_RECORDS_PER_RUN": str(settings.max_records_per_run),
-        "CLICKHOUSE_ETL_FAILPOINT": "after_load",
-        "CLICKHOUSE_ETL_CATCH_UP_WORKERS": "1",  # the process that runs the job is the one killed
-    }
-    crashed = subprocess.run(
-        [sys.executable, "-m", "clickhouse_etl.cli", "catch-up"], env=env, capture_output=True, text=True, timeout=300
-    )
+    # The process that runs the job is the one killed: one catch-up process, no workers.
+    env = cli_env(settings, str(tmp_path), CLICKHOUSE_ETL_FAILPOINT="after_load", CLICKHOUSE_ETL_CATCH_UP_WORKERS="1")
+    crashed = subprocess.run([*CLI, "catch-up"], env=env, capture_output=True, text=True, timeout=300)
     assert crashed.returncode == -9, crashed.stderr[-2000:]
     with dg.DagsterInstance.from_config(str(tmp_path)) as crashed_instance:
         runs = crashed_instance.get_runs()
@@ -143,9 +130,7 @@ def test_run_killed_after_load_before_commit_is_recovered_exactly_once(
     assert len(enriched_rows(settings)) > 0  # the load landed before the kill
 
     del env["CLICKHOUSE_ETL_FAILPOINT"]
-    recovered = subprocess.run(
-        [sys.executable, "-m", "clickhouse_etl.cli", "catch-up"], env=env, capture_output=True, text=True, timeout=300
-    )
+    recovered = subprocess.run([*CLI, "catch-up"], env=env, capture_output=True, text=True, timeout=300)
     assert recovered.returncode == 0, recovered.stderr[-2000:]
     assert_matches_reference(settings)
 
