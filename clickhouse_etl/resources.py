@@ -16,7 +16,6 @@ from datetime import datetime
 import dagster as dg
 import polars as pl
 import psycopg
-import redis
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from pydantic import Field
@@ -73,13 +72,6 @@ class KafkaSource(dg.ConfigurableResource):
             yield consumer
         finally:
             consumer.close()
-
-    def partitions(self, topic: str) -> list[int]:
-        with self.consumer() as consumer:
-            metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
-            if metadata is None or metadata.error is not None:
-                raise KafkaException(f"topic {topic} does not exist")
-            return sorted(metadata.partitions)
 
     def watermarks(self, topic: str) -> dict[int, tuple[int, int]]:
         """{partition: (low, high)} for every partition of the topic."""
@@ -186,9 +178,6 @@ class DedupStore(dg.ConfigurableResource):
     redis_url: str = Field(description="Redis URL (REDIS_URL)")
     key_prefix: str = Field(default="ce:dedup", description="Prefix of the claim keys")
     ttl_seconds: int = Field(default=86_400, description="Lifetime of a claim")
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_url, socket_timeout=30, socket_connect_timeout=5)
 
     def claim(self, topic: str, click_ids: pl.Series, positions: pl.Series) -> pl.Series:
         """The previous owner of each id (null where this call made the claim). Raises if Redis fails."""
