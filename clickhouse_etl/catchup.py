@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -57,6 +59,40 @@ def pending_ranges(
     return sorted(set(ranges), key=lambda r: (r.start, r.partition))
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_abandoned_runs(instance: dg.DagsterInstance, topic: str, echo: Callable[[str], None] = print) -> int:
+    """Mark as failed the in-process runs of this machine whose process is gone (killed mid-run).
+
+    Runs launched by the daemon are watched by Dagster's run monitoring; runs executed in a catch-up or
+    backfill process carry that process's host and pid, so a run it left STARTED when it died is known
+    dead, and its range is run again instead of waiting forever as "in flight".
+    """
+    host = socket.gethostname()
+    abandoned = 0
+    for run in instance.get_runs(
+        filters=dg.RunsFilter(
+            job_name=INGEST_JOB_NAME,
+            statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
+            tags={"kafka/topic": topic, "etl/host": host},
+        )
+    ):
+        pid = int(run.tags.get("etl/pid", "0"))
+        if pid and not _process_alive(pid):
+            instance.report_run_failed(run, message=f"process {pid} that ran it is gone (killed mid-run)")
+            echo(f"  run {run.run_id} of [{run.tags['kafka/start']}, {run.tags['kafka/end']}) was abandoned: failed")
+            abandoned += 1
+    return abandoned
+
+
 def run_range(
     job: dg.JobDefinition,
     instance: dg.DagsterInstance,
@@ -74,7 +110,14 @@ def run_range(
     return job.execute_in_process(
         run_config=run_config,
         instance=instance,
-        tags={**range_tags(r.topic, r.partition, r.start, r.end), **(tags or {})},
+        tags={
+            **range_tags(r.topic, r.partition, r.start, r.end),
+            "etl/host": socket.gethostname(),
+            "etl/pid": str(os.getpid()),
+            # Retried here (run_ranges), not by the daemon: it cannot relaunch a run executed in-process.
+            "dagster/max_retries": "0",
+            **(tags or {}),
+        },
         raise_on_error=False,
     )
 
@@ -121,6 +164,7 @@ def catch_up(
     from clickhouse_etl.definitions import build_definitions
 
     defs = build_definitions(settings)
+    fail_abandoned_runs(instance, settings.topic, echo)
     with dg.build_resources({"kafka": defs.resources["kafka"]}) as resources:  # resolves EnvVar settings
         ranges = pending_ranges(
             instance, resources.kafka, settings.topic, settings.max_records_per_run, settings.start_position

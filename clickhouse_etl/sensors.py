@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from clickhouse_etl import ledger
+from clickhouse_etl.catchup import fail_abandoned_runs
 from clickhouse_etl.jobs import BACKFILL_REQUEST_JOB_NAME, ingest_clicks, range_run_config, range_tags
 from clickhouse_etl.ops import BACKFILL_PLAN_TAG
 from clickhouse_etl.resources import KafkaSource
@@ -106,6 +107,9 @@ def build_kafka_sensor(settings: Settings) -> dg.SensorDefinition:
         cursor = json.loads(context.cursor) if context.cursor else {}
         topic = settings.topic
         watermarks = kafka.watermarks(topic)
+        # Runs a dead catch-up or backfill process left STARTED on this machine count as failed, so their
+        # ranges are requested again below.
+        fail_abandoned_runs(context.instance, topic, context.log.warning)
         failed = ledger.failed_for_good(context.instance, topic)
         ledger_ends: dict[int, int | None] = {}
         if topic not in cursor:  # a fresh (or reset) cursor resumes where recorded runs stopped

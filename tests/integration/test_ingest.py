@@ -116,23 +116,65 @@ def test_rerunning_any_range_changes_nothing(settings: Settings, instance: dg.Da
     assert_matches_reference(settings)
 
 
-def test_run_killed_after_load_before_commit_is_recovered_exactly_once(
-    settings: Settings, instance: dg.DagsterInstance, tmp_path
+@pytest.mark.parametrize(
+    ("failpoint", "loaded_before_kill"),
+    [
+        ("after_read", False),
+        ("after_dedup", False),
+        ("during_load", False),
+        ("after_load", True),
+        ("before_commit", True),
+        ("after_commit", True),
+    ],
+)
+def test_run_killed_at_a_stage_boundary_is_recovered_exactly_once(
+    settings: Settings, instance: dg.DagsterInstance, tmp_path, failpoint: str, loaded_before_kill: bool
 ) -> None:
     produce(settings, 9_000)
     # The process that runs the job is the one killed: one catch-up process, no workers.
-    env = cli_env(settings, str(tmp_path), CLICKHOUSE_ETL_FAILPOINT="after_load", CLICKHOUSE_ETL_CATCH_UP_WORKERS="1")
+    env = cli_env(settings, str(tmp_path), CLICKHOUSE_ETL_FAILPOINT=failpoint, CLICKHOUSE_ETL_CATCH_UP_WORKERS="1")
     crashed = subprocess.run([*CLI, "catch-up"], env=env, capture_output=True, text=True, timeout=300)
     assert crashed.returncode == -9, crashed.stderr[-2000:]
     with dg.DagsterInstance.from_config(str(tmp_path)) as crashed_instance:
         runs = crashed_instance.get_runs()
         assert len(runs) == 1 and runs[0].status == dg.DagsterRunStatus.STARTED  # died mid-run
-    assert len(enriched_rows(settings)) > 0  # the load landed before the kill
+    assert (len(enriched_rows(settings)) > 0) == loaded_before_kill
 
     del env["CLICKHOUSE_ETL_FAILPOINT"]
     recovered = subprocess.run([*CLI, "catch-up"], env=env, capture_output=True, text=True, timeout=300)
     assert recovered.returncode == 0, recovered.stderr[-2000:]
     assert_matches_reference(settings)
+
+
+def test_replays_after_redis_lost_its_claims_still_duplicate_nothing(
+    settings: Settings, instance: dg.DagsterInstance
+) -> None:
+    import redis
+
+    produce(settings, 9_000)
+    report = run_catch_up(settings, instance)
+    before = warehouse_snapshot(settings)
+    redis.Redis.from_url(settings.redis_url).flushdb()  # every claim gone
+    job = build_definitions(settings).get_job_def(INGEST_JOB_NAME)
+    for offset_range in report.ranges:
+        assert run_range(job, instance, offset_range).success
+    # Ranges already present are not written again, whatever the claims say now.
+    assert warehouse_snapshot(settings) == before
+
+
+def test_partitions_added_later_are_picked_up(settings: Settings, instance: dg.DagsterInstance) -> None:
+    from confluent_kafka.admin import AdminClient, NewPartitions
+
+    produce(settings, 3_000)
+    run_catch_up(settings, instance)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin.create_partitions([NewPartitions(settings.topic, 4)])[settings.topic].result(30)
+    demo_data.produce_count(settings, settings.topic, 2_000, partitions=[3], seed=12)
+    report = run_catch_up(settings, instance)
+    assert {r.partition for r in report.ranges} == {3}
+    rows = enriched_rows(settings)
+    assert {row[8] for row in rows} == {0, 1, 2, 3}
+    assert len({row[0] for row in rows}) == len(rows)
 
 
 def test_sensor_plans_ranges_and_runs_record_metadata(settings: Settings, instance: dg.DagsterInstance) -> None:
