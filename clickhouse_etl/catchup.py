@@ -18,6 +18,7 @@ from clickhouse_etl import ledger
 from clickhouse_etl.jobs import INGEST_JOB_NAME, range_run_config, range_tags
 from clickhouse_etl.resources import KafkaSource
 from clickhouse_etl.settings import Settings
+from clickhouse_etl.stack import process_alive
 from clickhouse_etl.steps.ranges import OffsetRange, split_range
 
 CATCH_UP_ATTEMPTS = 3
@@ -59,16 +60,6 @@ def pending_ranges(
     return sorted(set(ranges), key=lambda r: (r.start, r.partition))
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def fail_abandoned_runs(instance: dg.DagsterInstance, topic: str, echo: Callable[[str], None] = print) -> int:
     """Mark as failed the in-process runs of this machine whose process is gone (killed mid-run).
 
@@ -86,7 +77,7 @@ def fail_abandoned_runs(instance: dg.DagsterInstance, topic: str, echo: Callable
         )
     ):
         pid = int(run.tags.get("etl/pid", "0"))
-        if pid and not _process_alive(pid):
+        if pid and not process_alive(pid):
             instance.report_run_failed(run, message=f"process {pid} that ran it is gone (killed mid-run)")
             echo(f"  run {run.run_id} of [{run.tags['kafka/start']}, {run.tags['kafka/end']}) was abandoned: failed")
             abandoned += 1

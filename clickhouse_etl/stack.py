@@ -55,7 +55,7 @@ def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -264,7 +264,7 @@ def _kafka_cluster_id() -> str:
 
 
 def _terminate(pid: int, timeout: float) -> None:
-    if not _pid_alive(pid):
+    if not process_alive(pid):
         return
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -273,7 +273,7 @@ def _terminate(pid: int, timeout: float) -> None:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-    if not _wait_until(lambda: not _pid_alive(pid), timeout):
+    if not _wait_until(lambda: not process_alive(pid), timeout):
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -592,7 +592,7 @@ def stack_down(settings: Settings, echo: Callable[[str], None] = print) -> None:
         service = by_name.get(name)
         if service is None:
             continue
-        if _pid_alive(pid):
+        if process_alive(pid):
             service.stop(pid)
             echo(f"{name:<10} stopped (pid {pid})")
         else:

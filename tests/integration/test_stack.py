@@ -94,7 +94,7 @@ def test_down_stops_what_up_started_and_nothing_else(stack_dir: Path) -> None:
             time.sleep(0.1)
         stack.stack_down(settings, echo=print)
         for pid in started.values():
-            assert not stack._pid_alive(pid)
+            assert not stack.process_alive(pid)
         for port in (*ports.values(), ports["kafka"] + 1):
             assert not port_open(port), port
         assert port_open(26380) and foreign.poll() is None
