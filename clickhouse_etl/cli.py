@@ -106,12 +106,11 @@ def _backfill(settings: Settings, args: argparse.Namespace) -> int:
     from clickhouse_etl.catchup import CatchUpError, run_ranges
     from clickhouse_etl.definitions import build_definitions
     from clickhouse_etl.jobs import BACKFILL_REQUEST_JOB_NAME, INGEST_JOB_NAME
-    from clickhouse_etl.ledger import read_ledger
+    from clickhouse_etl.ledger import committed_ranges
     from clickhouse_etl.settings import export_dagster_home
 
     export_dagster_home(settings)
     topic = args.topic or settings.topic
-    defs = build_definitions(settings)
     if args.no_wait:
         # Hand the request to the Dagster instance: the daemon runs it, and backfill_sensor submits its runs.
         config = {
@@ -139,9 +138,9 @@ def _backfill(settings: Settings, args: argparse.Namespace) -> int:
             json.dumps(config),
         ]
         return subprocess.call(command)
+    defs = build_definitions(settings)
     with dg.DagsterInstance.get() as instance, dg.build_resources({"kafka": defs.resources["kafka"]}) as resources:
-        entries = read_ledger(instance, topic)
-        committed = entries[args.partition].committed if args.partition in entries else []
+        committed = committed_ranges(instance, topic, args.partition)
         try:
             watermarks = resources.kafka.watermarks(topic)
             plan = plan_backfill(

@@ -110,6 +110,12 @@ def read_ledger(instance: dg.DagsterInstance, topic: str) -> dict[int, Partition
     return ledgers
 
 
+def committed_ranges(instance: dg.DagsterInstance, topic: str, partition: int) -> list[OffsetRange]:
+    """The committed ranges of one topic-partition (what a backfill is cut along)."""
+    entry = read_ledger(instance, topic).get(partition)
+    return [] if entry is None else entry.committed
+
+
 def failed_for_good(instance: dg.DagsterInstance, topic: str, limit: int = 200) -> dict[OffsetRange, int]:
     """Ranges whose every run failed and that no retry will pick up → failed runs so far.
 

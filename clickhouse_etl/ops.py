@@ -372,10 +372,9 @@ def plan_backfill_runs(
     context: dg.OpExecutionContext, config: BackfillRequestConfig, kafka: KafkaSource, rules: IngestRules
 ) -> dict[str, object]:
     from clickhouse_etl.backfill import plan_backfill
-    from clickhouse_etl.ledger import read_ledger
+    from clickhouse_etl.ledger import committed_ranges
 
-    entries = read_ledger(context.instance, config.topic)
-    committed = entries[config.partition].committed if config.partition in entries else []
+    committed = committed_ranges(context.instance, config.topic, config.partition)
     plan = plan_backfill(
         config.topic,
         config.partition,
