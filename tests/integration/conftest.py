@@ -18,7 +18,13 @@ from clickhouse_etl import demo_data, schemas, stack
 from clickhouse_etl.clickhouse_store import clickhouse_session
 from clickhouse_etl.settings import Settings, load_settings
 
-TEST_PORTS = {"kafka": 19092, "redis": 16379, "postgres": 15432}
+# TEST_STACK_PORT_OFFSET moves the whole test stack (ports and folder), so two sessions can run side by side.
+TEST_PORT_OFFSET = int(os.environ.get("TEST_STACK_PORT_OFFSET", "0"))
+TEST_PORTS = {
+    "kafka": 19092 + TEST_PORT_OFFSET,
+    "redis": 16379 + TEST_PORT_OFFSET,
+    "postgres": 15432 + TEST_PORT_OFFSET,
+}
 
 
 def stack_settings(data_dir: Path, ports: dict[str, int], **overrides: object) -> Settings:
@@ -49,7 +55,8 @@ def fresh_stack(data_dir: Path, ports: dict[str, int]) -> Settings:
 
 @pytest.fixture(scope="session")
 def stack_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"clickhouse-etl-tests-{os.getuid()}"
+    suffix = f"-{TEST_PORT_OFFSET}" if TEST_PORT_OFFSET else ""
+    return Path(tempfile.gettempdir()) / f"clickhouse-etl-tests-{os.getuid()}{suffix}"
 
 
 @pytest.fixture(scope="session")
