@@ -1,0 +1,233 @@
+"""A running `clickhouse-etl dev` over real ingested data, and a headless Chromium driven by Playwright.
+
+The stack comes from the integration tests' `fresh_stack` on the same ports, in a folder of its own: when
+the integration stack is already up its services are reused, otherwise they are started and stopped again
+when this module's tests end, before the integration tests bring up theirs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+from integration.conftest import TEST_PORT_OFFSET, TEST_PORTS, fresh_stack
+from integration.helpers import CLI, cli_env, produce
+from playwright.sync_api import Page, expect, sync_playwright
+
+from clickhouse_etl import demo_data, schemas, stack
+from clickhouse_etl.jobs import INGEST_JOB_NAME
+from clickhouse_etl.settings import Settings
+
+from .ui import DagsterUI, IngestedData, saved_screenshots, screenshots_folder
+
+# Debian's Chromium (scripts/install.sh installs it): Playwright's own browser download is not used.
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the background-networking switches Chromium keeps retrying its update and sync services,
+# which stalls it on machines whose network is closed.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# Generous: on a small machine the webserver shares its cores with Kafka, the daemon and the code server.
+UI_TIMEOUT_MS = 60_000
+DAGSTER_START_TIMEOUT_SECONDS = 180.0
+
+# Enough events and small enough ranges for a dozen runs: the asset plots need several points.
+EVENTS = 1_800
+RECORDS_PER_RUN = 150
+
+
+@pytest.fixture(scope="module")
+def browser_stack() -> Iterator[Settings]:
+    # Module scope: the stack is gone before the integration tests, which start one on the same ports.
+    suffix = f"-{TEST_PORT_OFFSET}" if TEST_PORT_OFFSET else ""
+    data_dir = Path(tempfile.gettempdir()) / f"clickhouse-etl-browser-tests-{os.getuid()}{suffix}"
+    settings = fresh_stack(data_dir, TEST_PORTS)
+    demo_data.seed_campaigns(settings, 100)
+    yield settings
+    stack.stack_down(settings, echo=print)
+
+
+@pytest.fixture(scope="module")
+def ingested(browser_stack: Settings) -> IngestedData:
+    """Real events through the real job: `clickhouse-etl catch-up` records every run in the instance."""
+    topic = f"browser_clicks_{uuid.uuid4().hex[:10]}"
+    admin = AdminClient({"bootstrap.servers": browser_stack.kafka_bootstrap_servers})
+    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(30)
+    settings = browser_stack.model_copy(update={"topic": topic, "max_records_per_run": RECORDS_PER_RUN})
+    produce(settings, EVENTS)
+    # The data folder's own home: the command line keeps the project's dagster.yaml in it.
+    dagster_home = settings.data_dir / "dagster"
+    caught_up = subprocess.run(
+        [*CLI, "catch-up"], env=cli_env(settings, str(dagster_home)), capture_output=True, text=True, timeout=300
+    )
+    assert caught_up.returncode == 0, caught_up.stdout + caught_up.stderr
+
+    enriched_key = dg.AssetKey(["clickhouse", schemas.ENRICHED_TABLE])
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        # Newest first. A run catch-up had to retry would be recorded too, as failed: ask for successes.
+        runs = instance.get_runs(
+            filters=dg.RunsFilter(
+                job_name=INGEST_JOB_NAME, tags={"kafka/topic": topic}, statuses=[dg.DagsterRunStatus.SUCCESS]
+            )
+        )
+        assert runs, "catch-up recorded no successful run"
+        materializations = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=enriched_key), limit=100)
+    assert len(materializations.records) >= 6, "too few materializations for a plot with several points"
+    latest = materializations.records[0].asset_materialization
+    assert latest is not None
+    return IngestedData(
+        settings=settings,
+        dagster_home=dagster_home,
+        latest_run_id=runs[0].run_id,
+        latest_run_tags=dict(runs[0].tags),
+        latest_enriched_metadata={
+            key: int(value.value)  # type: ignore[arg-type]
+            for key, value in latest.metadata.items()
+            if isinstance(value, dg.IntMetadataValue)
+        },
+    )
+
+
+@pytest.fixture(scope="session")
+def screenshots_dir() -> Path:
+    return screenshots_folder()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # `pytest -q` hides what tests print: say once where the screenshots are.
+    if saved_screenshots:
+        terminalreporter.write_line(f"Dagster UI screenshots ({len(saved_screenshots)}): {saved_screenshots[0].parent}")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _graphql(base_url: str, query: str) -> dict:
+    request = urllib.request.Request(
+        f"{base_url}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)["data"]
+
+
+LOCATIONS_QUERY = """
+{ workspaceOrError { __typename ... on Workspace { locationEntries {
+    name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }
+"""
+
+
+def _wait_for_code_location(base_url: str, process: subprocess.Popen, log_path: Path) -> str:
+    """The name of the loaded code location, once the webserver answers and has loaded the definitions."""
+    deadline = time.monotonic() + DAGSTER_START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"clickhouse-etl dev exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            workspace = _graphql(base_url, LOCATIONS_QUERY)["workspaceOrError"]
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            workspace = None
+        entries = (workspace or {}).get("locationEntries") or []
+        if entries and all(entry["loadStatus"] == "LOADED" for entry in entries):
+            (entry,) = entries
+            loaded = entry["locationOrLoadError"]
+            if loaded["__typename"] != "RepositoryLocation":
+                pytest.fail(f"code location {entry['name']} failed to load: {loaded.get('message')}")
+            return entry["name"]
+        time.sleep(0.5)
+    pytest.fail(f"Dagster UI did not load its code location in time:\n{log_path.read_text()[-3000:]}")
+
+
+def _stop_process_group(process: subprocess.Popen) -> None:
+    """`dagster dev` runs a webserver, a daemon and code servers in its process group: stop them all."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    # Reap the group leader first: a zombie leader would keep the group alive for the check below.
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def dagster_ui(ingested: IngestedData, screenshots_dir: Path) -> Iterator[DagsterUI]:
+    """`clickhouse-etl dev` on a free port, with the instance catch-up wrote and the same settings."""
+    port = _free_port()
+    log_path = screenshots_dir / "dagster-dev.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [*CLI, "dev", "--host", "127.0.0.1", "--port", str(port)],
+            env=cli_env(ingested.settings, str(ingested.dagster_home)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so teardown reaches every process it starts
+        )
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        location = _wait_for_code_location(base_url, process, log_path)
+        yield DagsterUI(base_url, location)
+    finally:
+        _stop_process_group(process)
+
+
+@pytest.fixture
+def ui_page(dagster_ui: DagsterUI, tmp_path: Path) -> Iterator[Page]:
+    """A page of a fresh headless Chromium, past Dagster's first-visit community prompt."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: scripts/install.sh installs Debian's chromium")
+    expect.set_options(timeout=UI_TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1600, "height": 1100},
+        )
+        try:
+            page = context.new_page()
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.goto(dagster_ui.base_url)
+            # A fresh instance greets the first visitor with a modal over every page; skipping it is
+            # remembered by the instance.
+            if _graphql(dagster_ui.base_url, "{ shouldShowNux }")["shouldShowNux"]:
+                skip = page.get_by_role("button", name="Skip")
+                skip.click()
+                expect(skip).to_be_hidden()
+            yield page
+        finally:
+            context.close()
