@@ -32,7 +32,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from clickhouse_etl import demo_data, schemas
 from clickhouse_etl.clickhouse_store import clickhouse_session
 from clickhouse_etl.jobs import INGEST_JOB_NAME
-from clickhouse_etl.settings import Settings
+from clickhouse_etl.settings import Settings, settings_environment
 from clickhouse_etl.steps.filtering import NetworkRules
 from clickhouse_etl.steps.transform import ENRICHED_COLUMNS
 
@@ -117,22 +117,14 @@ class BenchResult:
         return "\n".join(lines)
 
 
-def _create_topic(settings: Settings, topic: str, partitions: int) -> None:
+def create_topic(settings: Settings, topic: str, partitions: int) -> None:
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, **settings.kafka_config})
     admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic].result(30)
 
 
 def _catch_up_in_child(settings: Settings, topic: str, dagster_home: str) -> tuple[float, int]:
-    env = {
-        **os.environ,
-        "CLICKHOUSE_ETL_DATA_DIR": str(settings.data_dir),
-        "CLICKHOUSE_DSN": settings.clickhouse_dsn,
-        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "REDIS_URL": settings.redis_url,
-        "POSTGRES_DSN": settings.postgres_dsn,
-        "DAGSTER_HOME": dagster_home,
-        "CLICKHOUSE_ETL_TOPIC": topic,
-    }
+    child_settings = settings.model_copy(update={"topic": topic, "dagster_home": dagster_home})
+    env = {**os.environ, **settings_environment(child_settings)}
     started = time.perf_counter()
     child = subprocess.run(
         [sys.executable, "-m", "clickhouse_etl.cli", "catch-up"], env=env, capture_output=True, text=True
@@ -161,7 +153,7 @@ def _stage_seconds(dagster_home: str) -> tuple[dict[str, float], int, float]:
     return totals, len(records), wall
 
 
-def _loaded_counts(settings: Settings, topic: str) -> tuple[int, int]:
+def loaded_counts(settings: Settings, topic: str) -> tuple[int, int]:
     with clickhouse_session(settings.clickhouse_dsn, settings.clickhouse_lock_timeout_seconds) as client:
         enriched = client.command(
             f"SELECT count() FROM `{settings.clickhouse_database}`.{schemas.ENRICHED_TABLE} "
@@ -275,7 +267,7 @@ def run_bench(
     settings = settings.model_copy(update={"redis_url": bench_redis_url(settings.redis_url)})
     redis.Redis.from_url(settings.redis_url).flushdb()
     topic = f"bench_{uuid.uuid4().hex[:10]}"
-    _create_topic(settings, topic, partitions)
+    create_topic(settings, topic, partitions)
     say(f"producing {events} events to {topic} ({partitions} partitions)…")
     report = demo_data.produce_count(settings, topic, events, shares=BENCH_SHARES, partitions=list(range(partitions)))
     expected_loaded = report.kinds.get("event", 0) - report.flags.get("is_bot", 0)
@@ -284,7 +276,7 @@ def run_bench(
         say("catching up through the ingest job…")
         seconds, peak_rss = _catch_up_in_child(settings, topic, dagster_home)
         stages, runs, wall = _stage_seconds(dagster_home)
-    loaded, dead = _loaded_counts(settings, topic)
+    loaded, dead = loaded_counts(settings, topic)
     if (loaded, dead) != (expected_loaded, expected_dead):
         raise BenchError(
             f"loaded {loaded} rows and {dead} dead letters, expected {expected_loaded} and "

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -16,6 +16,7 @@ from dagster._core.instance.ref import InstanceRef
 
 from clickhouse_etl import ledger
 from clickhouse_etl.jobs import INGEST_JOB_NAME, range_run_config, range_tags
+from clickhouse_etl.ops import worker_tags
 from clickhouse_etl.resources import KafkaSource
 from clickhouse_etl.settings import Settings
 from clickhouse_etl.stack import process_alive
@@ -61,11 +62,11 @@ def pending_ranges(
 
 
 def fail_abandoned_runs(instance: dg.DagsterInstance, topic: str, echo: Callable[[str], None] = print) -> int:
-    """Mark as failed the in-process runs of this machine whose process is gone (killed mid-run).
+    """Mark as failed the runs of this machine whose process is gone (killed mid-run), so they are re-run.
 
-    Runs launched by the daemon are watched by Dagster's run monitoring; runs executed in a catch-up or
-    backfill process carry that process's host and pid, so a run it left STARTED when it died is known
-    dead, and its range is run again instead of waiting forever as "in flight".
+    Every run records the process that executes it (ops.worker_tags): a catch-up or backfill process, or a
+    run worker the daemon launched. Dagster's default run launcher cannot check a run worker's health, so
+    without this a run whose process was SIGKILLed (with the daemon, say) would stay "in flight" forever.
     """
     host = socket.gethostname()
     abandoned = 0
@@ -77,7 +78,7 @@ def fail_abandoned_runs(instance: dg.DagsterInstance, topic: str, echo: Callable
         )
     ):
         pid = int(run.tags.get("etl/pid", "0"))
-        if pid and not process_alive(pid):
+        if run.tags.get("etl/worker_run") == run.run_id and pid and not process_alive(pid):
             instance.report_run_failed(run, message=f"process {pid} that ran it is gone (killed mid-run)")
             echo(f"  run {run.run_id} of [{run.tags['kafka/start']}, {run.tags['kafka/end']}) was abandoned: failed")
             abandoned += 1
@@ -98,13 +99,14 @@ def run_range(
         **range_run_config(r.topic, r.partition, r.start, r.end, force),
         "loggers": {"console": {"config": {"log_level": log_level}}},
     }
+    run_id = str(uuid.uuid4())
     return job.execute_in_process(
         run_config=run_config,
         instance=instance,
+        run_id=run_id,
         tags={
             **range_tags(r.topic, r.partition, r.start, r.end),
-            "etl/host": socket.gethostname(),
-            "etl/pid": str(os.getpid()),
+            **worker_tags(run_id),
             # Retried here (run_ranges), not by the daemon: it cannot relaunch a run executed in-process.
             "dagster/max_retries": "0",
             **(tags or {}),

@@ -206,6 +206,25 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _live(settings: Settings, args: argparse.Namespace) -> int:
+    """freshness and soak: the same steady load through the sensor; soak also requires flat memory."""
+    from clickhouse_etl.bench import BenchError
+    from clickhouse_etl.live import print_report, run_live
+    from clickhouse_etl.stack import ensure_schemas
+
+    ensure_schemas(settings)
+    seconds = args.minutes * 60 if args.command == "soak" else args.seconds
+    say = (lambda _: None) if args.json else print
+    try:
+        report = run_live(settings, args.rate, seconds, args.warmup, say=say)
+    except BenchError as error:
+        print(f"clickhouse-etl {args.command}: {error}", file=sys.stderr)
+        return 1
+    print_report(report, args.json)
+    healthy = report.counts_match and (args.command != "soak" or report.memory_flat())
+    return 0 if healthy else 1
+
+
 def _query(settings: Settings, args: argparse.Namespace) -> int:
     from clickhouse_etl.query import format_table, run_query
 
@@ -282,6 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline-events", type=int, default=30_000, help="0 skips the naive baseline")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(handler=_bench)
+
+    freshness = commands.add_parser(
+        "freshness", help="produce → queryable latency (p50/p95) with the sensor under a steady load"
+    )
+    freshness.add_argument("--seconds", type=float, default=90.0, help="seconds of steady load (default 90)")
+    soak = commands.add_parser(
+        "soak", help="a long steady load through the sensor: exact counts and flat memory, or exit 1"
+    )
+    soak.add_argument("--minutes", type=float, default=10.0, help="minutes of steady load (default 10)")
+    for live in (freshness, soak):
+        live.add_argument("--rate", type=float, default=20_000.0, help="events/s to produce (default 20000)")
+        live.add_argument("--warmup", type=float, default=20.0, help="seconds left out of the latencies (default 20)")
+        live.add_argument("--json", action="store_true", help="print one JSON object")
+        live.set_defaults(handler=_live)
 
     dev = commands.add_parser("dev", help="run Dagster (webserver, daemon, sensor) against the settings")
     dev.add_argument("--host", default="127.0.0.1")

@@ -1,17 +1,27 @@
-"""Crash points for fault tests: `CLICKHOUSE_ETL_FAILPOINT=<name>` SIGKILLs the process when it gets there.
+"""Fault points for fault tests: `CLICKHOUSE_ETL_FAILPOINT=<name>` SIGKILLs the process when it gets there;
+`<name>:sleep=<seconds>` pauses it there instead, so a test can stop a service at an exact stage.
 
-A real SIGKILL at an exact stage boundary is the only honest way to prove crash recovery; unset (always,
-outside fault tests) a failpoint costs one dictionary lookup.
+A real SIGKILL (or outage) at an exact stage boundary is the only honest way to prove crash recovery; unset
+(always, outside fault tests) a failpoint costs one dictionary lookup.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 FAILPOINT_VARIABLE = "CLICKHOUSE_ETL_FAILPOINT"
 
 
 def failpoint(name: str) -> None:
-    if os.environ.get(FAILPOINT_VARIABLE) == name:
+    point = os.environ.get(FAILPOINT_VARIABLE)
+    if point is None:
+        return
+    where, _, action = point.partition(":")
+    if where != name:
+        return
+    if action.startswith("sleep="):
+        time.sleep(float(action.removeprefix("sleep=")))
+    else:
         os.kill(os.getpid(), signal.SIGKILL)

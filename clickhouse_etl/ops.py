@@ -6,6 +6,8 @@ turns into run metadata.
 """
 
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -69,6 +71,15 @@ def _stage_metadata(stage: Stage) -> dict[str, object]:
     return {**stage.counts, "rows_out": stage.frame.height, "seconds": round(stage.seconds, 4)}
 
 
+def worker_tags(run_id: str) -> dict[str, str]:
+    """Which process runs `run_id`: a run left STARTED by a process that is gone can be failed and re-run.
+
+    The run id is part of it because a retried run inherits its parent's tags, and the parent's (dead)
+    process must not make the retry look abandoned.
+    """
+    return {"etl/host": socket.gethostname(), "etl/pid": str(os.getpid()), "etl/worker_run": run_id}
+
+
 @dg.op(
     description="Read exactly [start, end) of one topic-partition from Kafka, by assignment.",
     retry_policy=DEPENDENCY_RETRY,
@@ -76,6 +87,9 @@ def _stage_metadata(stage: Stage) -> dict[str, object]:
 def read(context: dg.OpExecutionContext, config: OffsetRangeConfig, kafka: KafkaSource) -> Stage:
     started = time.perf_counter()
     offset_range = OffsetRange(config.topic, config.partition, config.start, config.end)
+    # Dagster's default run launcher cannot tell a live run worker from a killed one: record this process.
+    context.instance.add_run_tags(context.run_id, worker_tags(context.run_id))
+    failpoint("before_read")
     try:
         raw = kafka.read_range(offset_range)
     except (OffsetGapError, OffsetRangeError) as error:
@@ -130,6 +144,8 @@ def enrich_events(
 ) -> Stage:
     started = time.perf_counter()
     snapshot = campaigns.snapshot()
+    if snapshot.source != "postgres":
+        context.log.warning(f"enriching with the {snapshot.source}, version {snapshot.version}")
     policy = rules.missing_campaign_policy
     enriched = enrich.enrich_events(deduped.frame, snapshot, policy)  # type: ignore[arg-type]
     dead_letters = None
@@ -150,9 +166,15 @@ def enrich_events(
         {"unmatched": enriched.unmatched.height},
         time.perf_counter() - started,
         dead_letters=dead_letters,
-        extra={"snapshot_version": snapshot.version, "missing_campaign_policy": policy},
+        extra={
+            "snapshot_version": snapshot.version,
+            "snapshot_source": snapshot.source,
+            "missing_campaign_policy": policy,
+        },
     )
-    context.add_output_metadata({**_stage_metadata(stage), "snapshot_version": snapshot.version})
+    context.add_output_metadata(
+        {**_stage_metadata(stage), "snapshot_version": snapshot.version, "snapshot_source": snapshot.source}
+    )
     release(deduped, raw_batch)  # decode already read the raw batch
     return stage
 
@@ -310,6 +332,7 @@ def commit(
         "end": r.end,
         **{f"count_{name}": value for name, value in counts.items()},
         "snapshot_version": str(enriched.extra["snapshot_version"]),
+        "snapshot_source": str(enriched.extra["snapshot_source"]),
         "missing_campaign_policy": str(enriched.extra["missing_campaign_policy"]),
         "seconds_per_stage": dg.MetadataValue.json({k: round(v, 4) for k, v in seconds.items()}),
         "aggregate_highlights": dg.MetadataValue.json(aggregated.extra["highlights"]),

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -185,12 +188,31 @@ class DedupStore(dg.ConfigurableResource):
         return claims.claim(self.redis_url, keys, positions, self.ttl_seconds)
 
 
+class CampaignsUnavailable(RuntimeError):
+    """PostgreSQL could not be read and no last good snapshot may (or can) stand in."""
+
+
 class CampaignsSource(dg.ConfigurableResource):
-    """The campaigns dimension in PostgreSQL, read in bulk with COPY."""
+    """The campaigns dimension in PostgreSQL, read in bulk with COPY; optionally a last good copy on disk."""
 
     postgres_dsn: str = Field(description="PostgreSQL DSN (POSTGRES_DSN)")
+    last_good_path: str = Field(
+        default="",
+        description="Where the last good snapshot is kept, to stand in while PostgreSQL is down ('' = fail instead)",
+    )
 
     def snapshot(self) -> CampaignsSnapshot:
+        try:
+            csv_bytes = self._copy()
+        except psycopg.Error as error:
+            if not self.last_good_path:
+                raise
+            return self._last_good(error)
+        if self.last_good_path:
+            self._save_last_good(csv_bytes)
+        return snapshot_from_csv(csv_bytes)
+
+    def _copy(self) -> bytes:
         buffer = bytearray()
         with (
             psycopg.connect(self.postgres_dsn, connect_timeout=10) as connection,
@@ -199,7 +221,26 @@ class CampaignsSource(dg.ConfigurableResource):
         ):
             for block in copy:
                 buffer += block
-        return snapshot_from_csv(bytes(buffer))
+        return bytes(buffer)
+
+    def _save_last_good(self, csv_bytes: bytes) -> None:
+        path = Path(self.last_good_path)
+        if path.exists() and path.read_bytes() == csv_bytes:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_bytes(csv_bytes)
+        partial.replace(path)  # atomic: a reader sees the old or the new snapshot, never half of one
+
+    def _last_good(self, error: psycopg.Error) -> CampaignsSnapshot:
+        path = Path(self.last_good_path)
+        if not path.exists():
+            raise CampaignsUnavailable(
+                f"PostgreSQL is unavailable ({error}) and no last good campaigns snapshot was saved at {path}"
+            ) from error
+        saved_at = datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
+        snapshot = snapshot_from_csv(path.read_bytes())
+        return replace(snapshot, source=f"last good snapshot saved {saved_at} (PostgreSQL unavailable)")
 
 
 class ClickHouseWarehouse(dg.ConfigurableResource):
@@ -247,7 +288,10 @@ def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableReso
             key_prefix=settings.dedup_key_prefix,
             ttl_seconds=settings.dedup_ttl_seconds,
         ),
-        "campaigns": CampaignsSource(postgres_dsn=connection("POSTGRES_DSN", settings.postgres_dsn)),
+        "campaigns": CampaignsSource(
+            postgres_dsn=connection("POSTGRES_DSN", settings.postgres_dsn),
+            last_good_path=str(settings.last_good_campaigns_path) if settings.campaigns_fallback == "last_good" else "",
+        ),
         "rules": IngestRules(
             max_message_bytes=settings.max_message_bytes,
             missing_campaign_policy=settings.missing_campaign_policy,
@@ -265,6 +309,7 @@ def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableReso
 
 __all__ = [
     "CampaignsSource",
+    "CampaignsUnavailable",
     "ClickHouseWarehouse",
     "DedupStore",
     "IngestRules",

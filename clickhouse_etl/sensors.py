@@ -1,9 +1,11 @@
 """The Kafka sensor: plans bounded offset ranges from watermarks and launches one run per range.
 
 A tick reads watermarks only (no messages). The cursor is `{topic: {partition: next_offset}}` plus, under
-"@waiting_since", when each partition's unplanned tail was first seen, so a small tail is flushed once it
-has waited `max_batch_wait_seconds`. Ranges whose runs failed for good are requested again under a new
-run key: a range is never skipped.
+"@waiting_since", the last tick at which each partition had nothing unplanned (for a new partition: when its
+tail was first seen). Offsets beyond the cursor arrived after that tick, so a small tail is flushed once the
+tick is `max_batch_wait_seconds` ago: with ticks further apart than the wait, every tick flushes, instead of
+every other one. Ranges whose runs failed for good are requested again under a new run key: a range is
+never skipped.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def plan_tick(
         lag[partition] = max(0, high - next_offset)
         wait_key = f"{topic}/{partition}"
         if high <= next_offset:
-            waiting.pop(wait_key, None)
+            # Caught up: whatever arrives after this tick has waited at most since now.
+            waiting[wait_key] = now
             continue
         waiting.setdefault(wait_key, now)
         ranges = plan_ranges(
@@ -85,10 +88,7 @@ def plan_tick(
         if ranges:
             requests.extend(range_run_request(r) for r in ranges)
             offsets[key] = ranges[-1].end
-            if offsets[key] >= high:
-                waiting.pop(wait_key, None)
-            else:
-                waiting[wait_key] = now
+            waiting[wait_key] = now
     new_cursor = {**cursor, topic: offsets, WAITING_KEY: waiting}
     return requests, new_cursor, lag
 

@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     missing_campaign_policy: Literal["keep", "drop", "dead_letter"] = Field(
         default="keep", description="What happens to a click whose ad_id is not in the campaigns snapshot"
     )
+    campaigns_fallback: Literal["fail", "last_good"] = Field(
+        default="fail",
+        description="PostgreSQL down: fail the run, or enrich with the last snapshot a run read successfully",
+    )
     max_message_bytes: int = Field(
         default=65_536, ge=64, description="Larger Kafka values are dead-lettered as oversized"
     )
@@ -111,7 +115,9 @@ class Settings(BaseSettings):
     max_batch_wait_seconds: float = Field(
         default=5.0, ge=0, description="A tail smaller than a full range is flushed once it waited this long"
     )
-    sensor_interval_seconds: int = Field(default=5, ge=1, description="Minimum seconds between sensor ticks")
+    sensor_interval_seconds: int = Field(
+        default=1, ge=1, description="Minimum seconds between sensor ticks (the daemon evaluates sensors every ~5 s)"
+    )
     catch_up_workers: int = Field(
         default=2, ge=1, le=64, description="Processes catch-up runs partitions in (one partition per process)"
     )
@@ -218,6 +224,10 @@ class Settings(BaseSettings):
         return self.clickhouse_dsn.startswith("chdb://")
 
     @property
+    def last_good_campaigns_path(self) -> Path:
+        return self.data_dir / "campaigns" / "last-good.csv"
+
+    @property
     def chdb_path(self) -> Path:
         return Path(self.clickhouse_dsn.removeprefix("chdb://"))
 
@@ -242,6 +252,15 @@ def load_settings(**overrides: Any) -> Settings:
         match = re.search(r'field "(\w+)"', str(error))
         where = f"setting {match.group(1)} ({environment_variable(match.group(1))})" if match else "a setting"
         raise SettingsError(f"invalid settings:\n  {where}: not valid JSON ({error.__cause__ or error})") from None
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """Environment variables that give a child process (a catch-up, a Dagster daemon) exactly these settings."""
+    environment = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            environment[environment_variable(name)] = value if isinstance(value, str) else json.dumps(value)
+    return environment
 
 
 @cache

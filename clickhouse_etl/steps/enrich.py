@@ -16,6 +16,7 @@ CAMPAIGNS_SCHEMA = {"ad_id": pl.Int64, "campaign_name": pl.String, "campaign_bud
 class CampaignsSnapshot:
     campaigns: pl.DataFrame
     version: str  # content hash: equal snapshots have equal versions
+    source: str = "postgres"  # or which saved snapshot stood in for an unavailable PostgreSQL
 
 
 def snapshot_from_csv(csv_bytes: bytes) -> CampaignsSnapshot:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 
 import dagster as dg
 
 from clickhouse_etl import demo_data, schemas
-from clickhouse_etl.catchup import CatchUpReport, catch_up
+from clickhouse_etl.catchup import CatchUpReport, catch_up, run_range
 from clickhouse_etl.clickhouse_store import clickhouse_session
-from clickhouse_etl.settings import Settings
+from clickhouse_etl.definitions import build_definitions
+from clickhouse_etl.jobs import INGEST_JOB_NAME
+from clickhouse_etl.settings import Settings, settings_environment
+from clickhouse_etl.steps.ranges import OffsetRange
 
 ALL_KINDS = demo_data.EventShares(
     duplicate=0.10,
@@ -94,18 +99,35 @@ CLI = [sys.executable, "-m", "clickhouse_etl.cli"]
 
 def cli_env(settings: Settings, dagster_home: str = "", **extra: str) -> dict[str, str]:
     """The environment a command-line process needs to use the test's stack, topic and Dagster home."""
-    return {
-        **os.environ,
-        "CLICKHOUSE_ETL_DATA_DIR": str(settings.data_dir),
-        "CLICKHOUSE_DSN": settings.clickhouse_dsn,
-        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "REDIS_URL": settings.redis_url,
-        "POSTGRES_DSN": settings.postgres_dsn,
-        "CLICKHOUSE_ETL_TOPIC": settings.topic,
-        "CLICKHOUSE_ETL_MAX_RECORDS_PER_RUN": str(settings.max_records_per_run),
-        **({"DAGSTER_HOME": dagster_home} if dagster_home else {}),
-        **extra,
-    }
+    environment = {**os.environ, **settings_environment(settings), **extra}
+    if dagster_home:
+        environment["DAGSTER_HOME"] = dagster_home
+    return environment
+
+
+def run_in_background(
+    settings: Settings, instance: dg.DagsterInstance, offset_range: OffsetRange
+) -> tuple[threading.Thread, list[dg.ExecuteInProcessResult]]:
+    """Run one range in a thread, so the test can break a dependency while the run is in a given stage."""
+    job = build_definitions(settings).get_job_def(INGEST_JOB_NAME)
+    results: list[dg.ExecuteInProcessResult] = []
+    thread = threading.Thread(target=lambda: results.append(run_range(job, instance, offset_range)), daemon=True)
+    thread.start()
+    return thread, results
+
+
+def wait_for_step_event(
+    instance: dg.DagsterInstance, step_key: str, event_type: dg.DagsterEventType, timeout: float = 120.0
+) -> None:
+    """Block until some run of the instance logged `event_type` for `step_key`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in instance.get_runs():
+            for record in instance.all_logs(run.run_id, of_type=event_type):
+                if record.step_key == step_key:
+                    return
+        time.sleep(0.1)
+    raise AssertionError(f"no {event_type.value} of {step_key} within {timeout} s")
 
 
 def cli(

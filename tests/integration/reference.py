@@ -76,6 +76,7 @@ def decode(value: bytes) -> dict | None:
 class Expected:
     rows: dict[str, dict] = field(default_factory=dict)  # click_id → enriched business fields
     allowed_positions: dict[str, set[tuple[int, int]]] = field(default_factory=dict)
+    copies: dict[str, set[tuple[int, int]]] = field(default_factory=dict)  # every position of the click_id
     dead_letters: dict[tuple[int, int], bytes] = field(default_factory=dict)
     duplicates: int = 0
     filtered: int = 0
@@ -130,6 +131,7 @@ def expected_outcome(
         for partition, offset in positions:
             first_per_partition[partition] = min(offset, first_per_partition.get(partition, offset))
         expected.allowed_positions[click_id] = set(first_per_partition.items())
+        expected.copies[click_id] = set(positions)
         expected.rows[click_id] = {
             "click_id": click_id,
             "user_id": click["user_id"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import time
 
 import dagster as dg
 import pytest
@@ -10,12 +11,13 @@ import pytest
 from clickhouse_etl import stack
 from clickhouse_etl.catchup import _first_error, run_range
 from clickhouse_etl.definitions import build_definitions
+from clickhouse_etl.failpoints import FAILPOINT_VARIABLE
 from clickhouse_etl.jobs import INGEST_JOB_NAME
 from clickhouse_etl.ledger import read_ledger
 from clickhouse_etl.settings import Settings
 from clickhouse_etl.steps.ranges import OffsetRange
 
-from .helpers import enriched_rows, produce, run_catch_up
+from .helpers import enriched_rows, produce, run_catch_up, run_in_background, wait_for_step_event
 from .test_ingest import assert_matches_reference
 
 pytestmark = pytest.mark.integration
@@ -36,7 +38,7 @@ def assert_nothing_committed(settings: Settings, instance: dg.DagsterInstance) -
     assert entry is not None and first_range(settings) in entry.failed  # failed, awaiting retry
 
 
-def restart(service: stack.RedisService | stack.PostgresService, settings: Settings) -> None:
+def restart(service: stack.RedisService | stack.PostgresService | stack.KafkaService, settings: Settings) -> None:
     """Start a stopped service again and record its new pid, so `stack down` still stops it."""
     pid = service.start()
     state = stack.started_pids(settings)
@@ -59,6 +61,96 @@ def test_redis_down_fails_closed_and_nothing_is_loaded_without_a_claim(
     finally:
         restart(redis_service, settings)
     run_catch_up(settings, instance)
+    assert_matches_reference(settings)
+
+
+def retries_of(result: dg.ExecuteInProcessResult, step_key: str) -> int:
+    return len([e for e in result.all_events if e.step_key == step_key and e.event_type_value == "STEP_UP_FOR_RETRY"])
+
+
+def commit_metadata(result: dg.ExecuteInProcessResult) -> dict[str, object]:
+    for event in result.all_events:
+        if event.step_key == "commit" and event.event_type_value == "STEP_OUTPUT":
+            return {key: value.value for key, value in event.step_output_data.metadata.items()}
+    raise AssertionError("the run has no commit output")
+
+
+def test_redis_stopped_mid_run_retries_with_backoff_and_completes_exactly_once(
+    settings: Settings, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    produce(settings, 3_000, seed=36)
+    redis_service = stack.RedisService(settings)
+    monkeypatch.setenv(FAILPOINT_VARIABLE, "after_read:sleep=3")  # a window to stop Redis before the claims
+    thread, results = run_in_background(settings, instance, first_range(settings))
+    try:
+        wait_for_step_event(instance, "read", dg.DagsterEventType.STEP_START)
+        redis_service.stop(stack.started_pids(settings)["redis"])
+        wait_for_step_event(instance, "dedup_events", dg.DagsterEventType.STEP_UP_FOR_RETRY)
+        assert enriched_rows(settings) == []  # nothing loaded without a claim
+    finally:
+        restart(redis_service, settings)
+    thread.join(120)
+    [result] = results
+    assert result.success  # a later attempt of the step found Redis back
+    assert retries_of(result, "dedup_events") >= 1
+    monkeypatch.delenv(FAILPOINT_VARIABLE)
+    run_catch_up(settings, instance)
+    assert_matches_reference(settings)
+
+
+def test_kafka_broker_restarted_mid_read_completes_exactly_once(
+    settings: Settings, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    produce(settings, 3_000, seed=38)
+    kafka = stack.KafkaService(settings)
+    monkeypatch.setenv(FAILPOINT_VARIABLE, "before_read:sleep=2")  # the broker goes away inside the read step
+    thread, results = run_in_background(settings, instance, OffsetRange(settings.topic, 0, 0, 500))
+    try:
+        wait_for_step_event(instance, "read", dg.DagsterEventType.STEP_START)
+        kafka.stop(stack.started_pids(settings)["kafka"])
+        time.sleep(3)  # the read meets a broker that is gone
+    finally:
+        restart(kafka, settings)
+    thread.join(180)
+    [result] = results
+    assert result.success, result.all_events[-1]
+    monkeypatch.delenv(FAILPOINT_VARIABLE)
+    run_catch_up(settings, instance)
+    assert_matches_reference(settings)
+
+
+def test_postgres_down_with_the_last_good_snapshot_enriches_from_it_and_says_so(
+    settings: Settings, instance: dg.DagsterInstance, tmp_path
+) -> None:
+    produce(settings, 3_000, seed=37)
+    fallback = settings.model_copy(update={"campaigns_fallback": "last_good", "data_dir": tmp_path})
+    job = build_definitions(fallback).get_job_def(INGEST_JOB_NAME)
+    postgres = stack.PostgresService(settings)
+
+    postgres.stop(stack.started_pids(settings)["postgres"])
+    try:  # no snapshot was read yet: nothing can stand in
+        nothing_saved = run_range(job, instance, OffsetRange(settings.topic, 0, 0, 300))
+        assert not nothing_saved.success
+        assert "no last good campaigns snapshot was saved" in _first_error(nothing_saved)
+    finally:
+        restart(postgres, settings)
+
+    from_postgres = run_range(job, instance, OffsetRange(settings.topic, 1, 0, 300))
+    assert from_postgres.success and commit_metadata(from_postgres)["snapshot_source"] == "postgres"
+    assert fallback.last_good_campaigns_path.exists()
+
+    postgres.stop(stack.started_pids(settings)["postgres"])
+    try:
+        from_saved = run_range(job, instance, OffsetRange(settings.topic, 1, 300, 600))
+    finally:
+        restart(postgres, settings)
+    assert from_saved.success
+    metadata = commit_metadata(from_saved)
+    assert str(metadata["snapshot_source"]).startswith("last good snapshot saved")
+    assert metadata["snapshot_version"] == commit_metadata(from_postgres)["snapshot_version"]
+    assert retries_of(from_saved, "enrich_events") == 0  # the saved snapshot stands in at once
+
+    run_catch_up(settings, instance)  # the failed range is run again
     assert_matches_reference(settings)
 
 

@@ -42,7 +42,7 @@ def test_fresh_cursor_starts_at_the_low_watermark():
     requests, cursor, lag = tick({}, {0: (5, 25), 1: (0, 0), 2: (7, 7)}, make_settings())
     assert planned(requests) == [(0, 5, 15), (0, 15, 25)]
     assert cursor[TOPIC] == {"0": 25, "1": 0, "2": 7}
-    assert cursor[WAITING_KEY] == {}
+    assert cursor[WAITING_KEY] == {f"{TOPIC}/{p}": NOW for p in range(3)}  # every partition is caught up now
     assert lag == {0: 20, 1: 0, 2: 0}
 
 
@@ -118,8 +118,21 @@ def test_young_small_tail_waits_and_records_when_it_was_first_seen():
     requests, cursor, lag = tick(cursor, {0: (0, 27)}, settings, now=NOW + 5.0)
     assert planned(requests) == [(0, 20, 27)]
     assert cursor[TOPIC] == {"0": 27}
-    assert cursor[WAITING_KEY] == {}
+    assert cursor[WAITING_KEY] == {f"{TOPIC}/0": NOW + 5.0}
     assert lag == {0: 7}  # lag is measured before this tick's ranges run
+
+
+def test_data_arriving_after_a_caught_up_tick_is_flushed_at_the_first_tick_past_the_wait():
+    """New offsets arrived after the last caught-up tick: their wait counts from that tick, not from the
+    (later) tick that first sees them, so ticks further apart than the wait flush every tick."""
+    settings = make_settings(max_records=10, wait=5.0)
+    _, cursor, _ = tick({TOPIC: {"0": 20}}, {0: (0, 20)}, settings, now=NOW)
+    assert cursor[WAITING_KEY] == {f"{TOPIC}/0": NOW}
+    requests, cursor, _ = tick(cursor, {0: (0, 23)}, settings, now=NOW + 4.0)
+    assert requests == []  # arrived at most 4 s ago
+    requests, cursor, _ = tick(cursor, {0: (0, 24)}, settings, now=NOW + 6.0)
+    assert planned(requests) == [(0, 20, 24)]
+    assert cursor[WAITING_KEY] == {f"{TOPIC}/0": NOW + 6.0}
 
 
 def test_full_ranges_go_at_once_and_the_remaining_tail_waits():
@@ -132,15 +145,15 @@ def test_full_ranges_go_at_once_and_the_remaining_tail_waits():
     requests, cursor, _ = tick(cursor, {0: (0, 25)}, settings, now=NOW + 6)
     assert planned(requests) == [(0, 20, 25)]
     assert cursor[TOPIC] == {"0": 25}
-    assert f"{TOPIC}/0" not in cursor[WAITING_KEY]
+    assert cursor[WAITING_KEY] == {f"{TOPIC}/0": NOW + 6}
 
 
-def test_waiting_is_cleared_when_caught_up():
+def test_waiting_restarts_when_caught_up():
     settings = make_settings(max_records=10, wait=5.0)
-    cursor = {TOPIC: {"0": 20}, WAITING_KEY: {f"{TOPIC}/0": NOW - 1}}
+    cursor = {TOPIC: {"0": 20}, WAITING_KEY: {f"{TOPIC}/0": NOW - 100}}
     requests, cursor, lag = tick(cursor, {0: (0, 20)}, settings, now=NOW)
     assert requests == []
-    assert cursor[WAITING_KEY] == {}
+    assert cursor[WAITING_KEY] == {f"{TOPIC}/0": NOW}
     assert lag == {0: 0}
 
 
@@ -239,4 +252,4 @@ def test_simulated_ticks_cover_every_offset_exactly_once(seed):
             position = end
         assert position == highs[p]
         assert cursor[TOPIC][str(p)] == highs[p]
-    assert cursor[WAITING_KEY] == {}
+    assert set(cursor[WAITING_KEY]) == {f"{TOPIC}/{p}" for p in partitions}
