@@ -265,7 +265,7 @@ def run_bench(
     settings: Settings, events: int, partitions: int, baseline_events: int, say: Callable[[str], None] = print
 ) -> BenchResult:
     settings = settings.model_copy(update={"redis_url": bench_redis_url(settings.redis_url)})
-    redis.Redis.from_url(settings.redis_url).flushdb()
+    redis.Redis.from_url(settings.redis_url).flushdb(asynchronous=True)  # big after a soak: free in the background
     topic = f"bench_{uuid.uuid4().hex[:10]}"
     create_topic(settings, topic, partitions)
     say(f"producing {events} events to {topic} ({partitions} partitions)…")

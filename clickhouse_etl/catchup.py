@@ -18,7 +18,7 @@ from clickhouse_etl import ledger
 from clickhouse_etl.jobs import INGEST_JOB_NAME, range_run_config, range_tags
 from clickhouse_etl.ops import worker_tags
 from clickhouse_etl.resources import KafkaSource
-from clickhouse_etl.settings import Settings
+from clickhouse_etl.settings import CODE_LOCATION, Settings
 from clickhouse_etl.stack import process_alive
 from clickhouse_etl.steps.ranges import OffsetRange, split_range
 
@@ -107,6 +107,8 @@ def run_range(
         tags={
             **range_tags(r.topic, r.partition, r.start, r.end),
             **worker_tags(run_id),
+            # Dagster lists a job's runs by this tag: in-process runs appear on the job's page like launched ones.
+            ".dagster/repository": f"__repository__@{CODE_LOCATION}",
             # Retried here (run_ranges), not by the daemon: it cannot relaunch a run executed in-process.
             "dagster/max_retries": "0",
             **(tags or {}),

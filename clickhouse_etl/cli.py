@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from clickhouse_etl.settings import Settings, SettingsError, load_settings
+from clickhouse_etl.settings import Settings, SettingsError, load_settings, workspace_file
+
+if TYPE_CHECKING:
+    from clickhouse_etl.offsets import PartitionOffsets
 
 
 def _stack(settings: Settings, args: argparse.Namespace) -> int:
@@ -130,8 +134,8 @@ def _backfill(settings: Settings, args: argparse.Namespace) -> int:
             "dagster",
             "job",
             "launch",
-            "-m",
-            "clickhouse_etl.definitions",
+            "-w",
+            workspace_file(),
             "-j",
             BACKFILL_REQUEST_JOB_NAME,
             "--config-json",
@@ -173,22 +177,42 @@ def _backfill(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _offsets(settings: Settings, args: argparse.Namespace) -> int:
+    from clickhouse_etl.offsets import format_offsets
+
+    topic = args.topic or settings.topic
+    report = _offsets_report(settings, topic)
+    print(format_offsets(topic, report))
+    return 0 if all(p.healthy for p in report) else 1
+
+
+def _offsets_report(settings: Settings, topic: str) -> list[PartitionOffsets]:
     import dagster as dg
 
     from clickhouse_etl.ledger import read_ledger
-    from clickhouse_etl.offsets import format_offsets, partition_offsets
+    from clickhouse_etl.offsets import partition_offsets
     from clickhouse_etl.resources import resources_from_settings
     from clickhouse_etl.settings import export_dagster_home
 
     export_dagster_home(settings)
-    topic = args.topic or settings.topic
     with (
         dg.DagsterInstance.get() as instance,
         dg.build_resources({"kafka": resources_from_settings(settings)["kafka"]}) as resources,
     ):
-        report = partition_offsets(resources.kafka.watermarks(topic), read_ledger(instance, topic))
-    print(format_offsets(topic, report))
-    return 0 if all(p.healthy for p in report) else 1
+        return partition_offsets(resources.kafka.watermarks(topic), read_ledger(instance, topic))
+
+
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from clickhouse_etl.settings import export_dagster_home
+    from clickhouse_etl.status import format_status, last_runs, sensor_status
+
+    export_dagster_home(settings)
+    topic = args.topic or settings.topic
+    with dg.DagsterInstance.get() as instance:
+        sensor, runs = sensor_status(instance), last_runs(instance, args.runs)
+    print(format_status(sensor, runs, topic, _offsets_report(settings, topic)))
+    return 0
 
 
 def _bench(settings: Settings, args: argparse.Namespace) -> int:
@@ -245,7 +269,7 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
     # Dagster's processes read the same settings: pin the data folder so they find it from any directory.
     os.environ["CLICKHOUSE_ETL_DATA_DIR"] = str(settings.data_dir)
     print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home}); sensor kafka_offsets_sensor is on")
-    command = ["dagster", "dev", "-m", "clickhouse_etl.definitions", "-h", args.host, "-p", str(args.port)]
+    command = ["dagster", "dev", "-w", workspace_file(), "-h", args.host, "-p", str(args.port)]
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:
@@ -294,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     offsets = commands.add_parser("offsets", help="where every partition stands; non-zero on a gap or overlap")
     offsets.add_argument("--topic", help="default: the topic setting")
     offsets.set_defaults(handler=_offsets)
+
+    status = commands.add_parser("status", help="the sensor's state and last tick, the last runs, lag per partition")
+    status.add_argument("--topic", help="default: the topic setting")
+    status.add_argument("--runs", type=int, default=10, help="how many recent runs to show (default 10)")
+    status.set_defaults(handler=_status)
 
     bench = commands.add_parser("bench", help="end-to-end throughput against the local stack, and a naive baseline")
     bench.add_argument("--events", type=int, default=1_000_000)

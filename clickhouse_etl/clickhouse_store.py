@@ -81,7 +81,12 @@ def clickhouse_session(dsn: str, timeout: float) -> Iterator[Client]:
             finally:
                 client.close()
     else:
-        client = _connect(dsn, timeout, connect_timeout=10, send_receive_timeout=300)
+        # clickhouse-connect picks TLS by port (8443/443), not by scheme: an https DSN on another port would
+        # otherwise be spoken to in plain HTTP.
+        secure = dsn.split("://", 1)[0] in ("https", "clickhouses")
+        client = _connect(
+            dsn, timeout, connect_timeout=10, send_receive_timeout=300, **({"secure": True} if secure else {})
+        )
         try:
             yield client
         finally:

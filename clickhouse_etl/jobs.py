@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import dagster as dg
 
 from clickhouse_etl.ops import (
@@ -17,9 +19,21 @@ from clickhouse_etl.ops import (
     read,
     transform_events,
 )
+from clickhouse_etl.settings import current_settings
 
 INGEST_JOB_NAME = "ingest_clicks"
 BACKFILL_REQUEST_JOB_NAME = "request_backfill"
+
+
+@dg.logger(
+    config_schema=dg.colored_console_logger.config_schema,
+    description="Run logs on stderr: colored text, or with CLICKHOUSE_ETL_LOG_FORMAT=json one JSON object a line "
+    "carrying the run id, the step and the run's tags (topic, partition, start, end) for log shippers.",
+)
+def console_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
+    chosen = dg.json_console_logger if current_settings().log_format == "json" else dg.colored_console_logger
+    return chosen.logger_fn(init_context)
+
 
 # Frames stay in memory between ops, so a retry must re-run every step (ALL_STEPS), never from failure.
 INGEST_JOB_TAGS = {"dagster/retry_strategy": "ALL_STEPS"}
@@ -31,6 +45,7 @@ INGEST_JOB_TAGS = {"dagster/retry_strategy": "ALL_STEPS"}
     "snapshot), filter, transform and aggregate it, load ClickHouse idempotently and record the offsets.",
     executor_def=dg.in_process_executor,
     tags=INGEST_JOB_TAGS,
+    logger_defs={"console": console_logger},
 )
 def ingest_clicks() -> None:
     raw_batch = read()

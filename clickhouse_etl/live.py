@@ -9,6 +9,7 @@ first poll that saw its offset queryable; the loaded counts must equal what was 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -26,14 +27,14 @@ import dagster as dg
 import numpy as np
 import psutil
 import redis
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from clickhouse_etl import demo_data, schemas
 from clickhouse_etl.bench import BENCH_SHARES, BenchError, bench_redis_url, create_topic, loaded_counts
 from clickhouse_etl.clickhouse_store import clickhouse_session
 from clickhouse_etl.jobs import INGEST_JOB_NAME
 from clickhouse_etl.resources import KafkaSource
-from clickhouse_etl.settings import Settings, export_dagster_home, settings_environment
+from clickhouse_etl.settings import Settings, export_dagster_home, settings_environment, workspace_file
 
 MIB = 2**20
 
@@ -202,8 +203,12 @@ class Poller(threading.Thread):
             while not self.stopped.is_set():
                 now = time.time()
                 ends = self._clickhouse_ends()
-                for committed in consumer.committed([TopicPartition(self.topic, p) for p in partitions], timeout=10):
-                    ends[committed.partition] = max(ends.get(committed.partition, 0), committed.offset)
+                try:
+                    committed = consumer.committed([TopicPartition(self.topic, p) for p in partitions], timeout=10)
+                except KafkaException:  # e.g. the group coordinator moving: ClickHouse alone counts this poll
+                    committed = []
+                for position in committed:
+                    ends[position.partition] = max(ends.get(position.partition, 0), position.offset)
                 self.visibility.record(now, {p: ends.get(p, 0) for p in partitions})
                 if now >= next_memory_sample:
                     self.memory.record(now, process_roles(self.root))
@@ -231,7 +236,7 @@ def start_daemon(settings: Settings, log_path: Path) -> subprocess.Popen:
     """`dagster-daemon run` with the sensor on, in a process group of its own (so it stops as a whole)."""
     daemon_command = Path(sys.executable).with_name("dagster-daemon")
     command = [str(daemon_command) if daemon_command.exists() else "dagster-daemon", "run"]
-    command += ["-m", "clickhouse_etl.definitions"]
+    command += ["-w", workspace_file()]
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             command,
@@ -243,14 +248,34 @@ def start_daemon(settings: Settings, log_path: Path) -> subprocess.Popen:
 
 
 def stop_process_group(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the process group, SIGKILL what is left after `grace`; return once every member is gone."""
+    group = process.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _group_alive(group, process):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+            deadline = float("inf")
+        time.sleep(0.1)
+
+
+def _group_alive(group: int, leader: subprocess.Popen) -> bool:
+    leader.poll()  # reap the leader, so it does not linger as a zombie member
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        os.killpg(group, 0)
     except ProcessLookupError:
-        pass
+        return False
+    # Only zombies left (children reaped by nobody yet) count as gone.
+    return any(_live_member(member, group) for member in psutil.process_iter())
+
+
+def _live_member(process: psutil.Process, group: int) -> bool:
+    try:
+        return os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE
+    except (OSError, psutil.Error):
+        return False
 
 
 def produce_times(settings: Settings, topic: str, partition: int, end: int) -> tuple[np.ndarray, np.ndarray]:
@@ -317,7 +342,7 @@ def run_live(
 ) -> LiveReport:
     """Steady load through the sensor for `seconds`; latencies of events produced after `warmup`."""
     settings = settings.model_copy(update={"redis_url": bench_redis_url(settings.redis_url)})
-    redis.Redis.from_url(settings.redis_url).flushdb()
+    redis.Redis.from_url(settings.redis_url).flushdb(asynchronous=True)  # big after a soak: free in the background
     topic = f"live_{uuid.uuid4().hex[:10]}"
     create_topic(settings, topic, settings.topic_partitions)
     partitions = list(range(settings.topic_partitions))

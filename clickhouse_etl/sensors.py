@@ -48,11 +48,16 @@ def plan_tick(
     settings: Settings,
     now: float,
     start_offsets: dict[int, int] | None = None,
+    busy: frozenset[int] = frozenset(),
 ) -> tuple[list[dg.RunRequest], dict, dict[int, int]]:
     """Pure planning of one tick: run requests, the new cursor and the lag per partition.
 
     A partition not in the cursor resumes at its recorded runs' end (ledger_ends), else at the start
     position: the low or high watermark, or start_offsets (a timestamp's offsets) when given.
+    A partition with a run queued or running (`busy`) gets no new range this tick: its offsets accumulate
+    into one range planned once the run ended, so ranges grow with the load and launch costs are spread
+    over more events instead of queueing many small runs (its runs could not overlap anyway: one run per
+    topic-partition at a time).
     """
     offsets: dict[str, int] = dict(cursor.get(topic, {}))
     waiting: dict[str, float] = dict(cursor.get(WAITING_KEY, {}))
@@ -71,6 +76,8 @@ def plan_tick(
         next_offset = offsets[key]
         lag[partition] = max(0, high - next_offset)
         wait_key = f"{topic}/{partition}"
+        if partition in busy:
+            continue
         if high <= next_offset:
             # Caught up: whatever arrives after this tick has waited at most since now.
             waiting[wait_key] = now
@@ -91,6 +98,31 @@ def plan_tick(
             waiting[wait_key] = now
     new_cursor = {**cursor, topic: offsets, WAITING_KEY: waiting}
     return requests, new_cursor, lag
+
+
+def busy_partitions(instance: dg.DagsterInstance, topic: str) -> frozenset[int]:
+    """Partitions of the topic with an ingest run queued, starting or running."""
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(
+            job_name=ingest_clicks.name,
+            statuses=[
+                dg.DagsterRunStatus.NOT_STARTED,
+                dg.DagsterRunStatus.QUEUED,
+                dg.DagsterRunStatus.STARTING,
+                dg.DagsterRunStatus.STARTED,
+            ],
+            tags={"kafka/topic": topic},
+        )
+    )
+    return frozenset(int(run.tags["kafka/partition"]) for run in runs)
+
+
+def lag_observation(topic: str, lag: dict[int, int]) -> dg.AssetObservation:
+    """The topic's lag on every tick, as an observation of its asset: the UI plots it over time."""
+    return dg.AssetObservation(
+        asset_key=["kafka", topic],
+        metadata={"lag": sum(lag.values()), **{f"lag_partition_{p}": n for p, n in sorted(lag.items())}},
+    )
 
 
 def build_kafka_sensor(settings: Settings) -> dg.SensorDefinition:
@@ -120,10 +152,22 @@ def build_kafka_sensor(settings: Settings) -> dg.SensorDefinition:
         if new_partitions and settings.start_position not in ("earliest", "latest"):
             start_offsets = kafka.start_offsets(topic, settings.start_position)
         requests, new_cursor, lag = plan_tick(
-            cursor, topic, watermarks, failed, ledger_ends, settings, time.time(), start_offsets
+            cursor,
+            topic,
+            watermarks,
+            failed,
+            ledger_ends,
+            settings,
+            time.time(),
+            start_offsets,
+            busy_partitions(context.instance, topic),
         )
         context.log.info(f"lag per partition of {topic}: {lag}; {len(requests)} run(s) requested")
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps(new_cursor, sort_keys=True))
+        return dg.SensorResult(
+            run_requests=requests,
+            cursor=json.dumps(new_cursor, sort_keys=True),
+            asset_events=[lag_observation(topic, lag)],
+        )
 
     return kafka_offsets_sensor
 

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     missing_campaign_policy: Literal["keep", "drop", "dead_letter"] = Field(
         default="keep", description="What happens to a click whose ad_id is not in the campaigns snapshot"
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Run logs on stderr: colored text, or JSON lines with run id and range tags"
+    )
     campaigns_fallback: Literal["fail", "last_good"] = Field(
         default="fail",
         description="PostgreSQL down: fail the run, or enrich with the last snapshot a run read successfully",
@@ -267,6 +270,16 @@ def settings_environment(settings: Settings) -> dict[str, str]:
 def current_settings() -> Settings:
     """Settings of this process, read once."""
     return load_settings()
+
+
+CODE_LOCATION = "clickhouse_etl"  # as named in workspace.yaml
+
+
+def workspace_file() -> str:
+    """The packaged workspace.yaml: every Dagster process sees the code location under the same name."""
+    from importlib import resources
+
+    return str(resources.files("clickhouse_etl") / "stack_files" / "workspace.yaml")
 
 
 def export_dagster_home(settings: Settings) -> str:

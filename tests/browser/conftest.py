@@ -206,7 +206,7 @@ def dagster_ui(ingested: IngestedData, screenshots_dir: Path) -> Iterator[Dagste
 
 @pytest.fixture
 def ui_page(dagster_ui: DagsterUI, tmp_path: Path) -> Iterator[Page]:
-    """A page of a fresh headless Chromium, past Dagster's first-visit community prompt."""
+    """A page of a fresh headless Chromium."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: scripts/install.sh installs Debian's chromium")
     expect.set_options(timeout=UI_TIMEOUT_MS)
@@ -221,13 +221,7 @@ def ui_page(dagster_ui: DagsterUI, tmp_path: Path) -> Iterator[Page]:
         try:
             page = context.new_page()
             page.set_default_timeout(UI_TIMEOUT_MS)
-            page.goto(dagster_ui.base_url)
-            # A fresh instance greets the first visitor with a modal over every page; skipping it is
-            # remembered by the instance.
-            if _graphql(dagster_ui.base_url, "{ shouldShowNux }")["shouldShowNux"]:
-                skip = page.get_by_role("button", name="Skip")
-                skip.click()
-                expect(skip).to_be_hidden()
+            page.goto(dagster_ui.base_url)  # the project's dagster.yaml turns the first-visit modal off
             yield page
         finally:
             context.close()

@@ -40,6 +40,13 @@ def test_produce_catch_up_and_query(settings: Settings, tmp_path) -> None:
     again = cli(settings, "catch-up", dagster_home=str(tmp_path))
     assert again.returncode == 0 and "caught up: 0 range(s)" in again.stdout
 
+    status = cli(settings, "status", "--runs", "3", dagster_home=str(tmp_path))
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert "sensor kafka_offsets_sensor: RUNNING" in status.stdout  # no daemon here: its default in code
+    runs = [line for line in status.stdout.splitlines() if line.strip().startswith("SUCCESS")]
+    assert len(runs) == 3 and all(settings.topic in line for line in runs)
+    assert "lag: 0 offsets in total" in status.stdout
+
 
 @pytest.mark.parametrize(
     ("variable", "value", "named"),

@@ -18,7 +18,7 @@ from clickhouse_etl.failpoints import FAILPOINT_VARIABLE
 from clickhouse_etl.jobs import INGEST_JOB_NAME
 from clickhouse_etl.live import start_daemon, stop_process_group
 from clickhouse_etl.resources import KafkaSource
-from clickhouse_etl.settings import Settings, export_dagster_home, settings_environment
+from clickhouse_etl.settings import Settings, export_dagster_home, settings_environment, workspace_file
 
 from .helpers import produce
 from .test_ingest import assert_matches_reference
@@ -35,7 +35,7 @@ def free_port() -> int:
 def start_webserver(settings: Settings, log_path: Path) -> subprocess.Popen:
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            ["dagster-webserver", "-m", "clickhouse_etl.definitions", "-h", "127.0.0.1", "-p", str(free_port())],
+            ["dagster-webserver", "-w", workspace_file(), "-h", "127.0.0.1", "-p", str(free_port())],
             env={**os.environ, **settings_environment(settings)},
             stdout=log,
             stderr=subprocess.STDOUT,

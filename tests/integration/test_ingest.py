@@ -190,6 +190,13 @@ def test_sensor_plans_ranges_and_runs_record_metadata(settings: Settings, instan
     result = sensor.evaluate_tick(context)
     requests = result.run_requests or []
     assert len(requests) >= 3
+    # The tick records the lag of every partition as an observation of the topic's asset (plotted in the UI).
+    [observation] = result.asset_events
+    assert observation.asset_key == dg.AssetKey(["kafka", settings.topic])
+    assert observation.metadata["lag"].value == 12_000
+    assert {k for k in observation.metadata if k.startswith("lag_partition_")} == {
+        f"lag_partition_{p}" for p in range(3)
+    }
     assert {r.tags["kafka/tp"] for r in requests} == {f"{settings.topic}:{p}" for p in range(3)}
     job = defs.get_job_def(INGEST_JOB_NAME)
     for request in requests:

@@ -253,3 +253,16 @@ def test_simulated_ticks_cover_every_offset_exactly_once(seed):
         assert position == highs[p]
         assert cursor[TOPIC][str(p)] == highs[p]
     assert set(cursor[WAITING_KEY]) == {f"{TOPIC}/{p}" for p in partitions}
+
+
+def test_a_busy_partition_accumulates_into_one_larger_range():
+    settings = make_settings(max_records=100, wait=0.0)
+    cursor = {TOPIC: {"0": 10, "1": 10}}
+    requests, cursor, lag = plan_tick(
+        cursor, TOPIC, {0: (0, 30), 1: (0, 30)}, {}, {}, settings, NOW, busy=frozenset({0})
+    )
+    assert planned(requests) == [(1, 10, 30)]  # partition 0 waits for its run to end
+    assert cursor[TOPIC] == {"0": 10, "1": 30}
+    assert lag == {0: 20, 1: 20}
+    requests, cursor, _ = plan_tick(cursor, TOPIC, {0: (0, 70), 1: (0, 30)}, {}, {}, settings, NOW + 5)
+    assert planned(requests) == [(0, 10, 70)]  # one range for everything that accumulated

@@ -1,0 +1,48 @@
+"""Run logs as JSON lines carry the run id, the step and the range tags, for log shippers."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+
+from clickhouse_etl.jobs import console_logger, range_tags
+from clickhouse_etl.settings import current_settings
+
+
+@dg.op
+def say_committed(context) -> None:
+    context.log.info("committed t/0/0-10")
+
+
+@dg.job(logger_defs={"console": console_logger})
+def logging_job() -> None:
+    say_committed()
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_console_logger_format(
+    log_format: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CLICKHOUSE_ETL_LOG_FORMAT", log_format)
+    current_settings.cache_clear()
+    try:
+        result = logging_job.execute_in_process(
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}}, tags=range_tags("t", 0, 0, 10)
+        )
+    finally:
+        current_settings.cache_clear()
+    lines = [line for line in capfd.readouterr().err.splitlines() if "committed t/0/0-10" in line]
+    assert lines
+    if log_format == "text":
+        assert not lines[0].startswith("{")
+        return
+    record = json.loads(lines[0])
+    meta = record["dagster_meta"]
+    assert meta["run_id"] == result.run_id and meta["step_key"] == "say_committed"
+    assert {meta["job_tags"][k] for k in ("kafka/topic", "kafka/partition", "kafka/start", "kafka/end")} == {
+        "t",
+        "0",
+        "10",
+    }
