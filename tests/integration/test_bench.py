@@ -36,3 +36,15 @@ def test_bench_checks_counts_and_reports_every_figure(settings: Settings) -> Non
     text = cli(settings, "bench", "--events", "5000", "--partitions", "1", "--baseline-events", "0")
     assert text.returncode == 0, text.stderr[-3000:]
     assert text.stdout.strip().splitlines()[-1].startswith("end-to-end: ")
+
+
+def test_freshness_runs_the_sensor_and_checks_counts(settings: Settings) -> None:
+    result = cli(settings, "freshness", "--seconds", "8", "--rate", "2000", "--warmup", "2", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["counts_match"] and figures["loaded"] == figures["expected_loaded"] > 10_000
+    assert figures["dead_letters"] == figures["expected_dead_letters"]
+    assert figures["runs_succeeded"] >= 3 and figures["runs_failed"] == 0  # one partition at least a run each
+    latency = figures["latency_seconds"]
+    assert latency["events"] > 0 and 0 < latency["p50"] <= latency["p95"] <= latency["max"]
+    assert {"daemon", "code server"} <= set(figures["rss_bytes"])
