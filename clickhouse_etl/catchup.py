@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import multiprocessing
+import queue
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
@@ -158,6 +160,7 @@ def catch_up(
     """
     from clickhouse_etl.definitions import build_definitions
 
+    started = time.perf_counter()
     defs = build_definitions(settings)
     fail_abandoned_runs(instance, settings.topic, echo)
     with dg.build_resources({"kafka": defs.resources["kafka"]}) as resources:  # resolves EnvVar settings
@@ -167,26 +170,75 @@ def catch_up(
     by_partition: dict[int, list[OffsetRange]] = {}
     for offset_range in ranges:
         by_partition.setdefault(offset_range.partition, []).append(offset_range)
-    if settings.catch_up_workers <= 1 or len(by_partition) <= 1:
-        return run_ranges(defs.get_job_def(INGEST_JOB_NAME), instance, ranges, CATCH_UP_TAGS, echo=echo)
-    started = time.perf_counter()
-    groups = list(by_partition.values())
     job = defs.get_job_def(INGEST_JOB_NAME)
-    # This process takes the first partition; spawned workers (not forked: a fork would inherit this
-    # process's embedded ClickHouse state) take the others.
-    with ProcessPoolExecutor(settings.catch_up_workers - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_run_partition, settings, instance.get_ref(), group) for group in groups[1:]]
-        report = run_ranges(job, instance, groups[0], CATCH_UP_TAGS, echo=echo)
-        for future in futures:
-            try:
-                partial = future.result()
-            except BrokenProcessPool as error:
-                raise CatchUpError(f"a catch-up worker process died ({error}); run catch-up again to resume") from None
-            report.runs += partial.runs
-            report.ranges += partial.ranges
-            report.events += partial.events
+    if settings.catch_up_workers <= 1 or len(by_partition) <= 1:
+        return run_ranges(job, instance, ranges, CATCH_UP_TAGS, echo=echo)
+    report = _run_partitions_in_parallel(job, settings, instance, list(by_partition.values()), echo)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _run_partitions_in_parallel(
+    job: dg.JobDefinition,
+    settings: Settings,
+    instance: dg.DagsterInstance,
+    groups: list[list[OffsetRange]],
+    echo: Callable[[str], None],
+) -> CatchUpReport:
+    """Each partition's ranges go to whichever process is free first: this one or a spawned worker.
+
+    A worker that finishes is handed the next partition at once (from its future's callback), so no
+    process idles while partitions wait. Workers are spawned, not forked: a fork would inherit this
+    process's embedded ClickHouse state.
+    """
+    pending = deque(groups)
+    finished: queue.Queue[Future[CatchUpReport]] = queue.Queue()
+    report = CatchUpReport()
+    workers = min(settings.catch_up_workers - 1, len(groups) - 1)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+
+        def hand_out_next(_: Future[CatchUpReport] | None = None) -> None:
+            try:
+                group = pending.popleft()
+            except IndexError:
+                return
+            try:
+                future = pool.submit(_run_partition, settings, instance.get_ref(), group)
+            except (RuntimeError, BrokenProcessPool):  # shutting down or broken: this process takes it
+                pending.appendleft(group)
+                return
+            future.add_done_callback(finished.put)
+            future.add_done_callback(hand_out_next)
+
+        for _ in range(workers):
+            hand_out_next()
+        merged = 0
+        try:
+            while merged < len(groups):
+                try:
+                    group = pending.popleft()
+                except IndexError:
+                    _merge(report, _worker_report(finished.get()))
+                else:
+                    _merge(report, run_ranges(job, instance, group, CATCH_UP_TAGS, echo=echo))
+                merged += 1
+        except BaseException:
+            pending.clear()  # hand out nothing more; the pool's exit waits for the partitions already running
+            raise
+    return report
+
+
+def _worker_report(future: Future[CatchUpReport]) -> CatchUpReport:
+    try:
+        return future.result()
+    except BrokenProcessPool as error:
+        raise CatchUpError(f"a catch-up worker process died ({error}); run catch-up again to resume") from None
+
+
+def _merge(report: CatchUpReport, partial: CatchUpReport) -> None:
+    report.runs += partial.runs
+    report.ranges += partial.ranges
+    report.events += partial.events
 
 
 CATCH_UP_TAGS = {"etl/trigger": "catch-up"}

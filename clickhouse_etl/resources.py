@@ -29,6 +29,8 @@ from clickhouse_etl.settings import Settings
 from clickhouse_etl.steps.enrich import CampaignsSnapshot, snapshot_from_csv
 from clickhouse_etl.steps.ranges import OffsetRange
 
+COLUMN_CHUNK = 65_536  # messages turned into polars columns at a time while a range is read
+
 SNAPSHOT_COPY = (
     "COPY (SELECT ad_id, campaign_name, campaign_budget FROM campaigns ORDER BY ad_id) TO STDOUT (FORMAT CSV)"
 )
@@ -48,7 +50,7 @@ class KafkaSource(dg.ConfigurableResource):
     bootstrap_servers: str = Field(description="Kafka bootstrap servers (KAFKA_BOOTSTRAP_SERVERS)")
     consumer_group: str = Field(default="clickhouse-etl", description="Group whose offsets lag tools read")
     extra_config_json: str = Field(default="{}", description="Extra librdkafka settings as JSON (SASL/TLS)")
-    fetch_batch: int = Field(default=100_000, description="Messages per consume() call")
+    fetch_batch: int = Field(default=1_000, description="Messages per consume() call")
     read_timeout_seconds: float = Field(default=60.0, description="Give up when a range yields nothing this long")
 
     def _config(self, **overrides: object) -> dict[str, object]:
@@ -92,6 +94,16 @@ class KafkaSource(dg.ConfigurableResource):
         topic, partition, start, end = offset_range.topic, offset_range.partition, offset_range.start, offset_range.end
         offsets: list[pl.Series] = []
         values: list[pl.Series] = []
+        # Python objects of at most one column chunk at a time, never of the whole range.
+        pending_offsets: list[int] = []
+        pending_values: list[bytes | None] = []
+
+        def flush_pending() -> None:
+            offsets.append(pl.Series(pending_offsets, dtype=pl.UInt64))
+            values.append(pl.Series(pending_values, dtype=pl.Binary))
+            pending_offsets.clear()
+            pending_values.clear()
+
         with self.consumer() as consumer:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
             if start < low:
@@ -128,15 +140,17 @@ class KafkaSource(dg.ConfigurableResource):
                     position = batch_offsets[-1] + 1
                 # Past the last message (control records of transactions end a range without data).
                 position = max(position, end_of_partition)
-                # Columns per batch: Python objects of one batch at a time, never of the whole range.
-                offsets.append(pl.Series(batch_offsets, dtype=pl.UInt64))
-                values.append(pl.Series([message.value() for message in batch], dtype=pl.Binary))
-        offset_column = pl.concat(offsets) if offsets else pl.Series([], dtype=pl.UInt64)
+                pending_offsets.extend(batch_offsets)
+                pending_values.extend([message.value() for message in batch])
+                if len(pending_offsets) >= COLUMN_CHUNK:
+                    flush_pending()
+            flush_pending()
+        offset_column = pl.concat(offsets)
         return pl.DataFrame(
             {
                 "kafka_partition": pl.repeat(partition, offset_column.len(), dtype=pl.UInt32, eager=True),
                 "kafka_offset": offset_column,
-                "value": pl.concat(values) if values else pl.Series([], dtype=pl.Binary),
+                "value": pl.concat(values),
             }
         )
 

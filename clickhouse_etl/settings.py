@@ -122,9 +122,14 @@ class Settings(BaseSettings):
         default=1, ge=1, description="Minimum seconds between sensor ticks (the daemon evaluates sensors every ~5 s)"
     )
     catch_up_workers: int = Field(
-        default=2, ge=1, le=64, description="Processes catch-up runs partitions in (one partition per process)"
+        default=2,
+        ge=1,
+        le=64,
+        description="Processes catch-up runs partitions in (each takes the next partition when free)",
     )
-    kafka_fetch_batch: int = Field(default=100_000, ge=1, description="Messages fetched per consume() call")
+    # librdkafka hands out a batch at a higher cost per message the larger the batch asked for: a 333,000
+    # message partition reads in about half the time at 1,000 per consume() call as at 100,000.
+    kafka_fetch_batch: int = Field(default=1_000, ge=1, description="Messages fetched per consume() call")
     clickhouse_database: str = Field(default="analytics", description="ClickHouse database of the tables")
     clickhouse_dedup_window: int = Field(
         default=10_000, ge=1, description="Insert blocks remembered per table for insert deduplication"

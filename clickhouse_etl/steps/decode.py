@@ -77,7 +77,7 @@ def _strictly_valid(value: bytes) -> bool:
         return False
 
 
-def _parse_values(values: pl.Series, looks_like_object: list[bool]) -> pl.DataFrame:
+def _parse_values(values: pl.Series, looks_like_object: pl.Series) -> pl.DataFrame:
     """Text fields and parse_error per value, in order; each value parsed exactly as polars parses it alone.
 
     Values that do not even look like an object (`{…}`) are parsed alone at once; the rest go in chunks.
@@ -113,10 +113,9 @@ def _parse_values(values: pl.Series, looks_like_object: list[bool]) -> pl.DataFr
             narrow(indexes[:middle], prescreen=False)
             narrow(indexes[middle:], prescreen=False)
 
-    objects = [i for i, plausible in enumerate(looks_like_object) if plausible]
-    for i, plausible in enumerate(looks_like_object):
-        if not plausible:
-            parse_alone(i)
+    objects = looks_like_object.arg_true().to_list()
+    for i in (~looks_like_object).arg_true().to_list():
+        parse_alone(i)
     for first in range(0, len(objects), FAST_PATH_CHUNK):
         narrow(objects[first : first + FAST_PATH_CHUNK], prescreen=True)
 
@@ -219,7 +218,7 @@ def decode_events(raw: pl.DataFrame, max_message_bytes: int) -> DecodedBatch:
     if with_breaks.len():
         one_line = [_one_line(value) for value in values.gather(with_breaks).to_list()]
         values = values.scatter(with_breaks, pl.Series(one_line, dtype=pl.Binary))
-    looks_like_object = (values.bin.starts_with(b"{") & values.bin.ends_with(b"}")).to_list()
+    looks_like_object = values.bin.starts_with(b"{") & values.bin.ends_with(b"}")
     text = _parse_values(values, looks_like_object)
 
     checked = (

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,7 +24,7 @@ import dagster as dg
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 from integration.conftest import TEST_PORT_OFFSET, TEST_PORTS, fresh_stack
-from integration.helpers import CLI, cli_env, produce
+from integration.helpers import CLI, cli_env, free_port, produce
 from playwright.sync_api import Page, expect, sync_playwright
 
 from clickhouse_etl import demo_data, schemas, stack
@@ -120,12 +119,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"Dagster UI screenshots ({len(saved_screenshots)}): {saved_screenshots[0].parent}")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _graphql(base_url: str, query: str) -> dict:
     request = urllib.request.Request(
         f"{base_url}/graphql",
@@ -186,7 +179,7 @@ def _stop_process_group(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def dagster_ui(ingested: IngestedData, screenshots_dir: Path) -> Iterator[DagsterUI]:
     """`clickhouse-etl dev` on a free port, with the instance catch-up wrote and the same settings."""
-    port = _free_port()
+    port = free_port()
     log_path = screenshots_dir / "dagster-dev.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -140,3 +141,10 @@ def cli(
         text=True,
         timeout=300,
     )
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a webserver a test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,16 +19,10 @@ from clickhouse_etl.live import start_daemon, stop_process_group
 from clickhouse_etl.resources import KafkaSource
 from clickhouse_etl.settings import Settings, export_dagster_home, settings_environment, workspace_file
 
-from .helpers import produce
+from .helpers import free_port, produce
 from .test_ingest import assert_matches_reference
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_webserver(settings: Settings, log_path: Path) -> subprocess.Popen:

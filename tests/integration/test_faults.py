@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import dagster as dg
 import pytest
@@ -38,28 +40,32 @@ def assert_nothing_committed(settings: Settings, instance: dg.DagsterInstance) -
     assert entry is not None and first_range(settings) in entry.failed  # failed, awaiting retry
 
 
-def restart(service: stack.RedisService | stack.PostgresService | stack.KafkaService, settings: Settings) -> None:
-    """Start a stopped service again and record its new pid, so `stack down` still stops it."""
-    pid = service.start()
-    state = stack.started_pids(settings)
-    state[service.name] = pid
-    stack._write_state(settings, state)
+@contextmanager
+def service_stopped(service: stack.RedisService | stack.PostgresService | stack.KafkaService) -> Iterator[None]:
+    """The service is down inside the block and started again after it, whatever happens inside.
+
+    The new pid is recorded, so `stack down` still stops it.
+    """
+    settings = service.settings
+    service.stop(stack.started_pids(settings)[service.name])
+    try:
+        yield
+    finally:
+        state = stack.started_pids(settings)
+        state[service.name] = service.start()
+        stack._write_state(settings, state)
 
 
 def test_redis_down_fails_closed_and_nothing_is_loaded_without_a_claim(
     settings: Settings, instance: dg.DagsterInstance
 ) -> None:
     produce(settings, 3_000, seed=31)
-    redis_service = stack.RedisService(settings)
-    redis_service.stop(stack.started_pids(settings)["redis"])
-    try:
+    with service_stopped(stack.RedisService(settings)):
         result = run_once(settings, instance)
         assert not result.success
         assert "dedup_events" in _first_error(result) and "Redis" in _first_error(result)
         assert enriched_rows(settings) == []
         assert_nothing_committed(settings, instance)
-    finally:
-        restart(redis_service, settings)
     run_catch_up(settings, instance)
     assert_matches_reference(settings)
 
@@ -79,16 +85,12 @@ def test_redis_stopped_mid_run_retries_with_backoff_and_completes_exactly_once(
     settings: Settings, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     produce(settings, 3_000, seed=36)
-    redis_service = stack.RedisService(settings)
     monkeypatch.setenv(FAILPOINT_VARIABLE, "after_read:sleep=3")  # a window to stop Redis before the claims
     thread, results = run_in_background(settings, instance, first_range(settings))
-    try:
-        wait_for_step_event(instance, "read", dg.DagsterEventType.STEP_START)
-        redis_service.stop(stack.started_pids(settings)["redis"])
+    wait_for_step_event(instance, "read", dg.DagsterEventType.STEP_START)
+    with service_stopped(stack.RedisService(settings)):
         wait_for_step_event(instance, "dedup_events", dg.DagsterEventType.STEP_UP_FOR_RETRY)
         assert enriched_rows(settings) == []  # nothing loaded without a claim
-    finally:
-        restart(redis_service, settings)
     thread.join(120)
     [result] = results
     assert result.success  # a later attempt of the step found Redis back
@@ -102,15 +104,11 @@ def test_kafka_broker_restarted_mid_read_completes_exactly_once(
     settings: Settings, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     produce(settings, 3_000, seed=38)
-    kafka = stack.KafkaService(settings)
     monkeypatch.setenv(FAILPOINT_VARIABLE, "before_read:sleep=2")  # the broker goes away inside the read step
     thread, results = run_in_background(settings, instance, OffsetRange(settings.topic, 0, 0, 500))
-    try:
-        wait_for_step_event(instance, "read", dg.DagsterEventType.STEP_START)
-        kafka.stop(stack.started_pids(settings)["kafka"])
+    wait_for_step_event(instance, "read", dg.DagsterEventType.STEP_START)
+    with service_stopped(stack.KafkaService(settings)):
         time.sleep(3)  # the read meets a broker that is gone
-    finally:
-        restart(kafka, settings)
     thread.join(180)
     [result] = results
     assert result.success, result.all_events[-1]
@@ -127,23 +125,17 @@ def test_postgres_down_with_the_last_good_snapshot_enriches_from_it_and_says_so(
     job = build_definitions(fallback).get_job_def(INGEST_JOB_NAME)
     postgres = stack.PostgresService(settings)
 
-    postgres.stop(stack.started_pids(settings)["postgres"])
-    try:  # no snapshot was read yet: nothing can stand in
+    with service_stopped(postgres):  # no snapshot was read yet: nothing can stand in
         nothing_saved = run_range(job, instance, OffsetRange(settings.topic, 0, 0, 300))
         assert not nothing_saved.success
         assert "no last good campaigns snapshot was saved" in _first_error(nothing_saved)
-    finally:
-        restart(postgres, settings)
 
     from_postgres = run_range(job, instance, OffsetRange(settings.topic, 1, 0, 300))
     assert from_postgres.success and commit_metadata(from_postgres)["snapshot_source"] == "postgres"
     assert fallback.last_good_campaigns_path.exists()
 
-    postgres.stop(stack.started_pids(settings)["postgres"])
-    try:
+    with service_stopped(postgres):
         from_saved = run_range(job, instance, OffsetRange(settings.topic, 1, 300, 600))
-    finally:
-        restart(postgres, settings)
     assert from_saved.success
     metadata = commit_metadata(from_saved)
     assert str(metadata["snapshot_source"]).startswith("last good snapshot saved")
@@ -156,16 +148,12 @@ def test_postgres_down_with_the_last_good_snapshot_enriches_from_it_and_says_so(
 
 def test_postgres_down_fails_the_run_clearly(settings: Settings, instance: dg.DagsterInstance) -> None:
     produce(settings, 3_000, seed=32)
-    postgres = stack.PostgresService(settings)
-    postgres.stop(stack.started_pids(settings)["postgres"])
-    try:
+    with service_stopped(stack.PostgresService(settings)):
         result = run_once(settings, instance)
         assert not result.success
         assert "enrich_events" in _first_error(result)
         assert enriched_rows(settings) == []
         assert_nothing_committed(settings, instance)
-    finally:
-        restart(postgres, settings)
     run_catch_up(settings, instance)
     assert_matches_reference(settings)
 

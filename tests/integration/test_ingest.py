@@ -104,6 +104,8 @@ def test_exact_content_for_every_kind_of_input(settings: Settings, instance: dg.
     report = run_catch_up(settings, instance)
     assert report.events == 30_000
     assert len(report.ranges) >= 6  # several runs per partition
+    # Partitions were shared out between this process and a spawned worker (catch_up_workers=2).
+    assert len({instance.get_run_by_id(run_id).tags["etl/pid"] for run_id in report.runs}) == 2
     assert_matches_reference(settings)
     assert_every_offset_accounted(settings, instance, 30_000)
     # Nothing left: a second catch-up finds no range to run.
