@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from clickhouse_etl import schemas
@@ -10,6 +12,12 @@ from clickhouse_etl.jobs import build_backfill_request_job, ingest_clicks
 from clickhouse_etl.resources import resources_from_settings
 from clickhouse_etl.sensors import build_backfill_sensor, build_kafka_sensor
 from clickhouse_etl.settings import Settings, current_settings
+
+# Definitions copies every sensor when it binds resources and passes the beta `owners` parameter itself, so
+# each command and code server would print a warning about a parameter this project never sets.
+warnings.filterwarnings(
+    "ignore", message=r"Parameter `owners` of initializer `SensorDefinition\.__init__`", category=dg.BetaWarning
+)
 
 
 def lineage_assets(settings: Settings) -> list[dg.AssetSpec]:

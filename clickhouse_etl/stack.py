@@ -258,9 +258,17 @@ class KafkaService:
 
 
 def _kafka_cluster_id() -> str:
+    """A random cluster id as Kafka writes them (URL-safe base64 of 16 bytes).
+
+    One in 64 of those starts with "-", which the storage tool's argument parser takes for an option, so
+    that is drawn again (Kafka's own Uuid.randomUuid does the same).
+    """
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _terminate(pid: int, timeout: float) -> None:
