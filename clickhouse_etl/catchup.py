@@ -160,7 +160,6 @@ def catch_up(
     """
     from clickhouse_etl.definitions import build_definitions
 
-    started = time.perf_counter()
     defs = build_definitions(settings)
     fail_abandoned_runs(instance, settings.topic, echo)
     with dg.build_resources({"kafka": defs.resources["kafka"]}) as resources:  # resolves EnvVar settings
@@ -173,9 +172,7 @@ def catch_up(
     job = defs.get_job_def(INGEST_JOB_NAME)
     if settings.catch_up_workers <= 1 or len(by_partition) <= 1:
         return run_ranges(job, instance, ranges, CATCH_UP_TAGS, echo=echo)
-    report = _run_partitions_in_parallel(job, settings, instance, list(by_partition.values()), echo)
-    report.seconds = time.perf_counter() - started
-    return report
+    return _run_partitions_in_parallel(job, settings, instance, list(by_partition.values()), echo)
 
 
 def _run_partitions_in_parallel(
@@ -191,6 +188,7 @@ def _run_partitions_in_parallel(
     process idles while partitions wait. Workers are spawned, not forked: a fork would inherit this
     process's embedded ClickHouse state.
     """
+    started = time.perf_counter()
     pending = deque(groups)
     finished: queue.Queue[Future[CatchUpReport]] = queue.Queue()
     report = CatchUpReport()
@@ -225,6 +223,7 @@ def _run_partitions_in_parallel(
         except BaseException:
             pending.clear()  # hand out nothing more; the pool's exit waits for the partitions already running
             raise
+    report.seconds = time.perf_counter() - started
     return report
 
 
