@@ -261,17 +261,27 @@ def bench_redis_url(redis_url: str) -> str:
     return urlunsplit(parts._replace(path=f"/{BENCH_REDIS_DB}"))
 
 
+def with_empty_claim_store(settings: Settings) -> Settings:
+    """The settings with claims in the bench's Redis database, emptied first."""
+    settings = settings.model_copy(update={"redis_url": bench_redis_url(settings.redis_url)})
+    redis.Redis.from_url(settings.redis_url).flushdb(asynchronous=True)  # big after a soak: free in the background
+    return settings
+
+
+def expected_counts(report: demo_data.ProduceReport) -> tuple[int, int]:
+    """Rows and dead letters the default rules make of what was produced: bots filtered, unknown ads kept."""
+    return report.kinds.get("event", 0) - report.flags.get("is_bot", 0), report.kinds.get("malformed", 0)
+
+
 def run_bench(
     settings: Settings, events: int, partitions: int, baseline_events: int, say: Callable[[str], None] = print
 ) -> BenchResult:
-    settings = settings.model_copy(update={"redis_url": bench_redis_url(settings.redis_url)})
-    redis.Redis.from_url(settings.redis_url).flushdb(asynchronous=True)  # big after a soak: free in the background
+    settings = with_empty_claim_store(settings)
     topic = f"bench_{uuid.uuid4().hex[:10]}"
     create_topic(settings, topic, partitions)
     say(f"producing {events} events to {topic} ({partitions} partitions)…")
     report = demo_data.produce_count(settings, topic, events, shares=BENCH_SHARES, partitions=list(range(partitions)))
-    expected_loaded = report.kinds.get("event", 0) - report.flags.get("is_bot", 0)
-    expected_dead = report.kinds.get("malformed", 0)
+    expected_loaded, expected_dead = expected_counts(report)
     with tempfile.TemporaryDirectory(prefix="bench-dagster-", dir=settings.data_dir) as dagster_home:
         say("catching up through the ingest job…")
         seconds, peak_rss = _catch_up_in_child(settings, topic, dagster_home)

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from clickhouse_etl.settings import Settings, SettingsError, load_settings, workspace_file
 
 if TYPE_CHECKING:
+    from dagster import DagsterInstance
+
     from clickhouse_etl.offsets import PartitionOffsets
 
 
@@ -77,16 +79,12 @@ def _produce(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _catch_up(settings: Settings, args: argparse.Namespace) -> int:
-    import dagster as dg
-
     from clickhouse_etl.catchup import CatchUpError, catch_up
-    from clickhouse_etl.settings import export_dagster_home
     from clickhouse_etl.stack import ensure_schemas
 
-    export_dagster_home(settings)
     ensure_schemas(settings)
     topic = args.topic or settings.topic
-    with dg.DagsterInstance.get() as instance:
+    with _dagster_instance(settings) as instance:
         try:
             report = catch_up(settings.model_copy(update={"topic": topic}), instance)
         except CatchUpError as error:
@@ -180,38 +178,40 @@ def _offsets(settings: Settings, args: argparse.Namespace) -> int:
     from clickhouse_etl.offsets import format_offsets
 
     topic = args.topic or settings.topic
-    report = _offsets_report(settings, topic)
+    with _dagster_instance(settings) as instance:
+        report = _offsets_report(settings, topic, instance)
     print(format_offsets(topic, report))
     return 0 if all(p.healthy for p in report) else 1
 
 
-def _offsets_report(settings: Settings, topic: str) -> list[PartitionOffsets]:
+def _dagster_instance(settings: Settings) -> DagsterInstance:
+    import dagster as dg
+
+    from clickhouse_etl.settings import export_dagster_home
+
+    export_dagster_home(settings)
+    return dg.DagsterInstance.get()
+
+
+def _offsets_report(settings: Settings, topic: str, instance: DagsterInstance) -> list[PartitionOffsets]:
     import dagster as dg
 
     from clickhouse_etl.ledger import read_ledger
     from clickhouse_etl.offsets import partition_offsets
     from clickhouse_etl.resources import resources_from_settings
-    from clickhouse_etl.settings import export_dagster_home
 
-    export_dagster_home(settings)
-    with (
-        dg.DagsterInstance.get() as instance,
-        dg.build_resources({"kafka": resources_from_settings(settings)["kafka"]}) as resources,
-    ):
+    with dg.build_resources({"kafka": resources_from_settings(settings)["kafka"]}) as resources:
         return partition_offsets(resources.kafka.watermarks(topic), read_ledger(instance, topic))
 
 
 def _status(settings: Settings, args: argparse.Namespace) -> int:
-    import dagster as dg
-
-    from clickhouse_etl.settings import export_dagster_home
     from clickhouse_etl.status import format_status, last_runs, sensor_status
 
-    export_dagster_home(settings)
     topic = args.topic or settings.topic
-    with dg.DagsterInstance.get() as instance:
+    with _dagster_instance(settings) as instance:
         sensor, runs = sensor_status(instance), last_runs(instance, args.runs)
-    print(format_status(sensor, runs, topic, _offsets_report(settings, topic)))
+        offsets = _offsets_report(settings, topic, instance)
+    print(format_status(sensor, runs, topic, offsets))
     return 0
 
 

@@ -26,11 +26,17 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import psutil
-import redis
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from clickhouse_etl import demo_data, schemas
-from clickhouse_etl.bench import BENCH_SHARES, BenchError, bench_redis_url, create_topic, loaded_counts
+from clickhouse_etl.bench import (
+    BENCH_SHARES,
+    BenchError,
+    create_topic,
+    expected_counts,
+    loaded_counts,
+    with_empty_claim_store,
+)
 from clickhouse_etl.clickhouse_store import clickhouse_session
 from clickhouse_etl.jobs import INGEST_JOB_NAME
 from clickhouse_etl.resources import KafkaSource
@@ -346,8 +352,7 @@ def run_live(
     say: Callable[[str], None] = print,
 ) -> LiveReport:
     """Steady load through the sensor for `seconds`; latencies of events produced after `warmup`."""
-    settings = settings.model_copy(update={"redis_url": bench_redis_url(settings.redis_url)})
-    redis.Redis.from_url(settings.redis_url).flushdb(asynchronous=True)  # big after a soak: free in the background
+    settings = with_empty_claim_store(settings)
     topic = f"live_{uuid.uuid4().hex[:10]}"
     create_topic(settings, topic, settings.topic_partitions)
     partitions = list(range(settings.topic_partitions))
@@ -397,7 +402,7 @@ def run_live(
         seconds=report.seconds,
         warmup_seconds=warmup,
         produced=report.produced,
-        expected=(report.kinds.get("event", 0) - report.flags.get("is_bot", 0), report.kinds.get("malformed", 0)),
+        expected=expected_counts(report),
         loaded=loaded_counts(settings, topic),
         runs=runs,
         latencies=np.concatenate(latencies) if latencies else np.empty(0),
