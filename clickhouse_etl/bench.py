@@ -32,7 +32,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from clickhouse_etl import demo_data, schemas
 from clickhouse_etl.clickhouse_store import clickhouse_session
 from clickhouse_etl.jobs import INGEST_JOB_NAME
-from clickhouse_etl.settings import Settings, settings_environment
+from clickhouse_etl.settings import Settings, install_dagster_yaml, settings_environment
 from clickhouse_etl.steps.filtering import NetworkRules
 from clickhouse_etl.steps.transform import ENRICHED_COLUMNS
 
@@ -63,6 +63,7 @@ class BenchResult:
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over runs
     dagster_overhead_seconds_per_run: float = 0.0
     peak_rss_bytes: int = 0
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # catch-up processes and Redis, during catch-up
     loaded: int = 0
     baseline_events: int = 0
     baseline_seconds: float = 0.0
@@ -70,6 +71,10 @@ class BenchResult:
     @property
     def events_per_second(self) -> float:
         return self.events / self.seconds
+
+    @property
+    def events_per_cpu_second(self) -> float:
+        return self.events / sum(self.cpu_seconds.values()) if self.cpu_seconds else 0.0
 
     @property
     def baseline_events_per_second(self) -> float:
@@ -88,6 +93,8 @@ class BenchResult:
             },
             "dagster_overhead_seconds_per_run": round(self.dagster_overhead_seconds_per_run, 3),
             "peak_rss_bytes": self.peak_rss_bytes,
+            "cpu_seconds": {name: round(sec, 2) for name, sec in self.cpu_seconds.items()},
+            "events_per_cpu_second": round(self.events_per_cpu_second),
             "loaded": self.loaded,
             "baseline_events": self.baseline_events,
             "baseline_events_per_second": round(self.baseline_events_per_second),
@@ -107,6 +114,9 @@ class BenchResult:
         lines += [
             f"dagster overhead per run: {self.dagster_overhead_seconds_per_run:.2f} s",
             f"peak RSS of the catch-up process: {self.peak_rss_bytes / 2**20:,.0f} MiB",
+            "CPU seconds: "
+            + ", ".join(f"{name} {sec:.1f}" for name, sec in self.cpu_seconds.items())
+            + f" ({self.events_per_cpu_second:,.0f} events per CPU second)",
         ]
         if self.baseline_seconds:
             lines.append(
@@ -122,9 +132,36 @@ def create_topic(settings: Settings, topic: str, partitions: int) -> None:
     admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic].result(30)
 
 
-def _catch_up_in_child(settings: Settings, topic: str, dagster_home: str) -> tuple[float, int]:
+@dataclass
+class CatchUpMeasure:
+    seconds: float
+    peak_rss_bytes: int
+    cpu_seconds: dict[str, float]
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _redis_cpu_seconds(claims: redis.Redis) -> float | None:
+    """Redis's own CPU time (all its threads); None where INFO is not allowed (a managed Redis, say)."""
+    try:
+        cpu = claims.info("cpu")
+    except redis.ResponseError:
+        return None
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def _catch_up_in_child(settings: Settings, topic: str, dagster_home: str) -> CatchUpMeasure:
     child_settings = settings.model_copy(update={"topic": topic, "dagster_home": dagster_home})
+    # The instance's storage is created before the clock starts: a deployment's catch-up finds it in place
+    # (creating it costs most of a second, once).
+    with dg.DagsterInstance.from_config(install_dagster_yaml(child_settings)):
+        pass
     env = {**os.environ, **settings_environment(child_settings)}
+    claims = redis.Redis.from_url(settings.redis_url)
+    redis_cpu, children_cpu = _redis_cpu_seconds(claims), _children_cpu_seconds()
     started = time.perf_counter()
     child = subprocess.run(
         [sys.executable, "-m", "clickhouse_etl.cli", "catch-up"], env=env, capture_output=True, text=True
@@ -132,7 +169,12 @@ def _catch_up_in_child(settings: Settings, topic: str, dagster_home: str) -> tup
     seconds = time.perf_counter() - started
     if child.returncode != 0:
         raise BenchError(f"catch-up failed:\n{child.stderr[-3000:]}")
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    # The catch-up process and its workers (it waits for them), and Redis's work on the claims.
+    cpu_seconds = {"catch-up": _children_cpu_seconds() - children_cpu}
+    redis_cpu_after = _redis_cpu_seconds(claims)
+    if redis_cpu is not None and redis_cpu_after is not None:
+        cpu_seconds["redis"] = redis_cpu_after - redis_cpu
+    return CatchUpMeasure(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, cpu_seconds)
 
 
 def _stage_seconds(dagster_home: str) -> tuple[dict[str, float], int, float]:
@@ -284,7 +326,7 @@ def run_bench(
     expected_loaded, expected_dead = expected_counts(report)
     with tempfile.TemporaryDirectory(prefix="bench-dagster-", dir=settings.data_dir) as dagster_home:
         say("catching up through the ingest job…")
-        seconds, peak_rss = _catch_up_in_child(settings, topic, dagster_home)
+        measure = _catch_up_in_child(settings, topic, dagster_home)
         stages, runs, wall = _stage_seconds(dagster_home)
     loaded, dead = loaded_counts(settings, topic)
     if (loaded, dead) != (expected_loaded, expected_dead):
@@ -295,11 +337,12 @@ def run_bench(
     result = BenchResult(
         events=events,
         partitions=partitions,
-        seconds=seconds,
+        seconds=measure.seconds,
         runs=runs,
         stages=stages,
         dagster_overhead_seconds_per_run=(wall - sum(stages.values())) / max(runs, 1),
-        peak_rss_bytes=peak_rss,
+        peak_rss_bytes=measure.peak_rss_bytes,
+        cpu_seconds=measure.cpu_seconds,
         loaded=loaded,
     )
     if baseline_events:

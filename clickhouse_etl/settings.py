@@ -287,8 +287,8 @@ def workspace_file() -> str:
     return str(resources.files("clickhouse_etl") / "stack_files" / "workspace.yaml")
 
 
-def export_dagster_home(settings: Settings) -> str:
-    """Make DAGSTER_HOME point where the settings say, with the project's dagster.yaml in it.
+def install_dagster_yaml(settings: Settings) -> str:
+    """The settings' Dagster home, with the project's dagster.yaml in it.
 
     The default home under the data folder is the project's own, so its dagster.yaml is kept current; a
     DAGSTER_HOME chosen by the user gets one only if it has none.
@@ -302,5 +302,11 @@ def export_dagster_home(settings: Settings) -> str:
     owned = home == settings.data_dir / "dagster"
     if not instance_yaml.exists() or (owned and instance_yaml.read_text() != project_yaml):
         instance_yaml.write_text(project_yaml)
-    os.environ["DAGSTER_HOME"] = str(home)
     return str(home)
+
+
+def export_dagster_home(settings: Settings) -> str:
+    """Make DAGSTER_HOME point where the settings say, with the project's dagster.yaml in it."""
+    home = install_dagster_yaml(settings)
+    os.environ["DAGSTER_HOME"] = home
+    return home

@@ -31,6 +31,9 @@ def test_bench_checks_counts_and_reports_every_figure(settings: Settings) -> Non
     }
     assert figures["loaded"] > 15_000  # checked against the produced counts before any rate is printed
     assert figures["seconds"] > 0 and figures["events_per_second"] > 0 and figures["peak_rss_bytes"] > 0
+    # CPU of the catch-up processes and of Redis (the local stack allows INFO), and the rate per CPU second.
+    assert figures["cpu_seconds"]["catch-up"] > 0 and figures["cpu_seconds"]["redis"] > 0
+    assert figures["events_per_cpu_second"] > 0
     assert figures["baseline_events"] == 2_000 and figures["baseline_events_per_second"] > 0
 
     text = cli(settings, "bench", "--events", "5000", "--partitions", "1", "--baseline-events", "0")
