@@ -139,8 +139,7 @@ class CatchUpMeasure:
     cpu_seconds: dict[str, float]
 
 
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+def _cpu_seconds(usage: resource.struct_rusage) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
@@ -161,7 +160,7 @@ def _catch_up_in_child(settings: Settings, topic: str, dagster_home: str) -> Cat
         pass
     env = {**os.environ, **settings_environment(child_settings)}
     claims = redis.Redis.from_url(settings.redis_url)
-    redis_cpu, children_cpu = _redis_cpu_seconds(claims), _children_cpu_seconds()
+    redis_cpu, children_before = _redis_cpu_seconds(claims), resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     child = subprocess.run(
         [sys.executable, "-m", "clickhouse_etl.cli", "catch-up"], env=env, capture_output=True, text=True
@@ -169,12 +168,13 @@ def _catch_up_in_child(settings: Settings, topic: str, dagster_home: str) -> Cat
     seconds = time.perf_counter() - started
     if child.returncode != 0:
         raise BenchError(f"catch-up failed:\n{child.stderr[-3000:]}")
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     # The catch-up process and its workers (it waits for them), and Redis's work on the claims.
-    cpu_seconds = {"catch-up": _children_cpu_seconds() - children_cpu}
+    cpu_seconds = {"catch-up": _cpu_seconds(children_after) - _cpu_seconds(children_before)}
     redis_cpu_after = _redis_cpu_seconds(claims)
     if redis_cpu is not None and redis_cpu_after is not None:
         cpu_seconds["redis"] = redis_cpu_after - redis_cpu
-    return CatchUpMeasure(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, cpu_seconds)
+    return CatchUpMeasure(seconds, children_after.ru_maxrss * 1024, cpu_seconds)
 
 
 def _stage_seconds(dagster_home: str) -> tuple[dict[str, float], int, float]:
