@@ -1,1 +1,1 @@
-"""Pure, vectorized steps of the data flow; each is a plain function over polars frames, testable alone."""
+"""Vectorized stages of the data flow, driven by a pipeline model: plain functions over polars frames and clients."""

@@ -1,39 +1,54 @@
-"""Aggregate: per (minute, campaign) partial aggregates of one offset range.
+"""Aggregate: partial aggregates of one offset range, per window and group, for each declared aggregate.
 
-Partials keep the distinct user ids of their window, so unique users stay exact when any number of
-ranges are merged (uniqExact over the union, never a sum of per-range uniques). Windows come from
-`click_time`, so a late event lands in its own minute.
+Partials keep mergeable state — counts and sums, minima and maxima, and the distinct values themselves for
+exact distinct counts — so any number of ranges merge exactly (uniqExact over the union, never a sum of
+per-range uniques). Windows come from the event's time column, so a late event lands in its own window.
 """
 
 from __future__ import annotations
 
 import polars as pl
 
+from clickhouse_etl.core.pipeline.columns import AggregateColumns, window_truncation
+from clickhouse_etl.core.ranges import OffsetRange
 
-def window_partials(enriched: pl.DataFrame, topic: str, partition: int, start: int, end: int) -> pl.DataFrame:
+
+def _state(aggregate: AggregateColumns, name: str) -> pl.Expr:
+    measure = aggregate.aggregate.measures[name]
+    state_name = aggregate.states[name].name
+    if measure.function == "count":
+        return pl.len().cast(pl.UInt64).alias(state_name)
+    column = pl.col(measure.column)  # type: ignore[arg-type]
+    if measure.function == "count_distinct":
+        return column.drop_nulls().unique().sort().alias(state_name)
+    # Like ClickHouse: NULLs are skipped, and a group of only NULLs has a NULL sum (not 0).
+    value = {"sum": column.sum(), "min": column.min(), "max": column.max()}[measure.function]
+    return pl.when(column.count() > 0).then(value).cast(aggregate.states[name].dtype).alias(state_name)
+
+
+def window_partials(rows: pl.DataFrame, aggregate: AggregateColumns, offset_range: OffsetRange) -> pl.DataFrame:
+    time_column = aggregate.aggregate.time_column
+    window = (
+        pl.col(time_column).dt.truncate(window_truncation(aggregate.window_column)).dt.cast_time_unit("ms")
+    ).alias(aggregate.window_column)
+    group_names = [column.name for column in aggregate.group_by]
+    columns = [column.name for column in aggregate.partials_columns()]
     return (
-        enriched.group_by(
-            pl.col("click_time").dt.truncate("1m").dt.cast_time_unit("ms").alias("minute"), "campaign_name"
-        )
-        .agg(pl.len().cast(pl.UInt64).alias("clicks"), pl.col("user_id").unique().sort().alias("user_ids"))
-        .sort("minute", "campaign_name", nulls_last=True)
+        rows.group_by(window, *group_names)
+        .agg([_state(aggregate, name) for name in aggregate.aggregate.measures])
+        .sort(aggregate.window_column, *group_names, nulls_last=True)
         .with_columns(
-            kafka_topic=pl.lit(topic),
-            kafka_partition=pl.lit(partition, dtype=pl.UInt32),
-            range_start=pl.lit(start, dtype=pl.UInt64),
-            range_end=pl.lit(end, dtype=pl.UInt64),
+            kafka_topic=pl.lit(offset_range.topic),
+            kafka_partition=pl.lit(offset_range.partition, dtype=pl.UInt32),
+            range_start=pl.lit(offset_range.start, dtype=pl.UInt64),
+            range_end=pl.lit(offset_range.end, dtype=pl.UInt64),
         )
+        .select(columns)
     )
 
 
-def highlights(partials: pl.DataFrame, top: int = 5) -> dict[str, object]:
-    """Small summary for run metadata: windows touched, busiest campaigns of the range."""
+def windows_touched(partials: pl.DataFrame, window_column: str) -> tuple[str, str] | None:
+    """First and last window of a range's partials (the per-run aggregate check reads these windows)."""
     if partials.is_empty():
-        return {"windows": 0}
-    busiest = partials.group_by("campaign_name").agg(pl.col("clicks").sum()).sort("clicks", descending=True).head(top)
-    return {
-        "windows": partials.select(pl.col("minute").n_unique()).item(),
-        "first_window": str(partials["minute"].min()),
-        "last_window": str(partials["minute"].max()),
-        "top_campaigns": {str(name): int(clicks) for name, clicks in busiest.iter_rows()},
-    }
+        return None
+    return str(partials[window_column].min()), str(partials[window_column].max())

@@ -1,4 +1,4 @@
-"""Decode: raw Kafka values → typed click events, and dead letters for what cannot be decoded.
+"""Decode: raw Kafka values → typed events of the pipeline's source fields, and dead letters with a reason.
 
 The fast path parses a whole chunk of values as NDJSON with polars and an explicit all-text schema, then
 coerces and validates column-wise. A chunk that fails to parse is narrowed down: values that a strict JSON
@@ -9,37 +9,30 @@ batch — which keeps replays of differently sized ranges identical.
 
 from __future__ import annotations
 
+import json
 import socket
 from dataclasses import dataclass
 
 import orjson
 import polars as pl
 
-REQUIRED_FIELDS = ("click_id", "user_id", "ad_id", "timestamp_ms", "ip_address")
-TEXT_SCHEMA = {name: pl.String for name in REQUIRED_FIELDS}
-MAX_ID_CHARS = 256
+from clickhouse_etl.core.pipeline.model import Source, SourceField
+from clickhouse_etl.core.pipeline.types import DATETIME_MS, UUID_PATTERN
+
+# Text that is an identifier, a name or an address is never this long; ip fields are held to it.
+IP_MAX_CHARS = 256
 # Timestamps outside [1970, 2100) are rejected: a fixed bound, so a replay decides exactly as the first run.
 MAX_TIMESTAMP_MS = 4_102_444_800_000
 FAST_PATH_CHUNK = 65_536
+IPV4 = r"^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$"
 
 RAW_SCHEMA = {"kafka_partition": pl.UInt32, "kafka_offset": pl.UInt64, "value": pl.Binary}
-EVENT_SCHEMA = {
-    "click_id": pl.String,
-    "user_id": pl.String,
-    "ad_id": pl.Int64,
-    "timestamp_ms": pl.Int64,
-    "ip_address": pl.String,
-    "kafka_partition": pl.UInt32,
-    "kafka_offset": pl.UInt64,
-}
 DEAD_LETTER_SCHEMA = {
     "kafka_partition": pl.UInt32,
     "kafka_offset": pl.UInt64,
     "raw_value": pl.Binary,
     "error": pl.String,
 }
-
-IPV4 = r"^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$"
 
 
 @dataclass(frozen=True)
@@ -48,17 +41,26 @@ class DecodedBatch:
     dead_letters: pl.DataFrame
 
 
-def _parse_chunk(values: list[bytes]) -> pl.DataFrame | None:
+def event_schema(source: Source) -> dict[str, pl.DataType]:
+    """Columns of the decoded events: every source field, typed, then the Kafka position."""
+    return {
+        **{name: spec.field_type.polars for name, spec in source.fields.items()},
+        "kafka_partition": pl.UInt32(),
+        "kafka_offset": pl.UInt64(),
+    }
+
+
+def _parse_chunk(values: list[bytes], text_schema: dict[str, pl.DataType]) -> pl.DataFrame | None:
     """All-text columns for `values`, or None if polars cannot parse them as one NDJSON chunk."""
     try:
-        parsed = pl.read_ndjson(b"\n".join(values), schema=TEXT_SCHEMA)
+        parsed = pl.read_ndjson(b"\n".join(values), schema=text_schema)
     except Exception:
         return None
     return parsed if parsed.height == len(values) else None
 
 
-def _parse_alone(value: bytes) -> tuple[dict[str, str | None] | None, str | None]:
-    parsed = _parse_chunk([value])
+def _parse_alone(value: bytes, text_schema: dict[str, pl.DataType]) -> tuple[dict[str, str | None] | None, str | None]:
+    parsed = _parse_chunk([value], text_schema)
     if parsed is not None:
         return parsed.row(0, named=True), None
     try:
@@ -77,7 +79,7 @@ def _strictly_valid(value: bytes) -> bool:
         return False
 
 
-def _parse_values(values: pl.Series, looks_like_object: pl.Series) -> pl.DataFrame:
+def _parse_values(values: pl.Series, looks_like_object: pl.Series, text_schema: dict[str, pl.DataType]) -> pl.DataFrame:
     """Text fields and parse_error per value, in order; each value parsed exactly as polars parses it alone.
 
     Values that do not even look like an object (`{…}`) are parsed alone at once; the rest go in chunks.
@@ -89,13 +91,13 @@ def _parse_values(values: pl.Series, looks_like_object: pl.Series) -> pl.DataFra
     single_errors: list[str | None] = []
 
     def parse_alone(i: int) -> None:
-        row, error = _parse_alone(values[i])
+        row, error = _parse_alone(values[i], text_schema)
         single_indexes.append(i)
-        single_rows.append(row or dict.fromkeys(REQUIRED_FIELDS))
+        single_rows.append(row or dict.fromkeys(text_schema))
         single_errors.append(error)
 
     def narrow(indexes: list[int], prescreen: bool) -> None:
-        parsed = _parse_chunk(values.gather(indexes).to_list())
+        parsed = _parse_chunk(values.gather(indexes).to_list(), text_schema)
         if parsed is not None:
             pieces.append(parsed.with_columns(index=pl.Series(indexes, dtype=pl.UInt32)))
         elif len(indexes) == 1:
@@ -123,13 +125,13 @@ def _parse_values(values: pl.Series, looks_like_object: pl.Series) -> pl.DataFra
     frames = [piece.with_columns(parse_error) for piece in pieces]
     if single_indexes:
         frames.append(
-            pl.DataFrame(single_rows, schema=TEXT_SCHEMA, orient="row").with_columns(
+            pl.DataFrame(single_rows, schema=text_schema, orient="row").with_columns(
                 index=pl.Series(single_indexes, dtype=pl.UInt32),
                 parse_error=pl.Series(single_errors, dtype=pl.String),
             )
         )
     if not frames:
-        return pl.DataFrame(schema={**TEXT_SCHEMA, "parse_error": pl.String})
+        return pl.DataFrame(schema={**text_schema, "parse_error": pl.String})
     return pl.concat(frames, how="vertical").sort("index").drop("index")
 
 
@@ -146,7 +148,7 @@ def _one_line(value: bytes) -> bytes:
     return orjson.dumps(document) if isinstance(document, dict) else value
 
 
-def _screen(raw: pl.DataFrame, max_message_bytes: int) -> pl.Expr:
+def _screen(max_message_bytes: int) -> pl.Expr:
     size = pl.col("value").bin.size()
     return (
         pl.when(pl.col("value").is_null() | (size == 0))
@@ -157,42 +159,135 @@ def _screen(raw: pl.DataFrame, max_message_bytes: int) -> pl.Expr:
     )
 
 
-def _validation_error() -> pl.Expr:
-    """The first reason a row of text fields is not a valid click, or null."""
+def _text_rules(name: str, spec: SourceField) -> tuple[int | None, bool, bool]:
+    """(max length, empty allowed, control characters allowed); an ip field is held to an address's rules."""
+    if spec.field_type.kind == "ip":
+        return IP_MAX_CHARS, False, False
+    return spec.max_length, spec.allow_empty, spec.allow_control_characters
+
+
+def _converted(name: str, spec: SourceField) -> pl.Expr:
+    """The typed value of a text column (null where it cannot be converted)."""
+    text = pl.col(name)
+    field_type = spec.field_type
+    kind = field_type.kind
+    if kind in ("string", "ip"):
+        return text
+    if kind == "uuid":
+        return text.str.to_lowercase()
+    trimmed = text.str.strip_chars()
+    if kind == "int64":
+        return trimmed.str.to_integer(strict=False)
+    if kind == "float64":
+        number = trimmed.cast(pl.Float64, strict=False)
+        return pl.when(number.is_finite()).then(number)
+    if kind == "decimal":
+        return trimmed.cast(field_type.polars, strict=False)
+    if kind == "bool":
+        lowered = trimmed.str.to_lowercase()
+        return pl.when(lowered.is_in(["true", "1"])).then(True).when(lowered.is_in(["false", "0"])).then(False)
+    # timestamp: an integer count of ms or s since the epoch
+    return trimmed.str.to_integer(strict=False)
+
+
+def _timestamp_limit(spec: SourceField) -> int:
+    return MAX_TIMESTAMP_MS if spec.field_type.unit == "ms" else MAX_TIMESTAMP_MS // 1000
+
+
+def _validation_error(source: Source) -> pl.Expr:
+    """The first reason a row of text fields is not a valid event, or null.
+
+    Checks run in a fixed order — missing fields, text rules, conversions, ranges, addresses — so every
+    value gets the same reason whatever the rest of the event holds.
+    """
+    fields = source.fields
     checks: list[tuple[pl.Expr, pl.Expr]] = []
-    for name in REQUIRED_FIELDS:
-        checks.append((pl.col(name).is_null(), pl.lit(f"missing field {name}")))
-    for name in ("click_id", "user_id", "ip_address"):
+    for name, spec in fields.items():
+        if spec.required:
+            checks.append((pl.col(name).is_null(), pl.lit(f"missing field {name}")))
+    for name, spec in fields.items():
+        if not spec.field_type.is_text:
+            continue
         column = pl.col(name)
-        checks.append((column.str.len_chars() == 0, pl.lit(f"{name} is empty")))
-        checks.append(
-            (column.str.len_chars() > MAX_ID_CHARS, pl.lit(f"{name} is longer than {MAX_ID_CHARS} characters"))
-        )
-        checks.append((column.str.contains(r"^[\{\[]"), pl.lit(f"{name} must be a string, not an object or array")))
-        checks.append((column.str.contains(r"[\x00-\x1f\x7f]"), pl.lit(f"{name} contains control characters")))
-    for name in ("ad_id", "timestamp_ms"):
-        checks.append(
-            (
-                pl.col(f"{name}_int").is_null(),
-                pl.format(f"{name} is not an integer: {{}}", pl.col(name).str.slice(0, 40)),
+        max_length, allow_empty, allow_control = _text_rules(name, spec)
+        if not allow_empty:
+            checks.append((column.str.len_chars() == 0, pl.lit(f"{name} is empty")))
+        if max_length is not None:
+            checks.append(
+                (column.str.len_chars() > max_length, pl.lit(f"{name} is longer than {max_length} characters"))
             )
-        )
-    checks.append(
-        (
-            (pl.col("timestamp_ms_int") < 0) | (pl.col("timestamp_ms_int") >= MAX_TIMESTAMP_MS),
-            pl.format("timestamp_ms out of range [0, {}): {}", pl.lit(MAX_TIMESTAMP_MS), pl.col("timestamp_ms_int")),
-        )
-    )
-    checks.append(
-        (
-            ~pl.col("ip_address").str.contains(IPV4) & ~pl.col("ipv6_valid"),
-            pl.format("ip_address is not an IPv4 or IPv6 address: {}", pl.col("ip_address").str.slice(0, 60)),
-        )
-    )
+        checks.append((pl.col(f"{name}__nested"), pl.lit(f"{name} must be a string, not an object or array")))
+        if not allow_control:
+            checks.append((column.str.contains(r"[\x00-\x1f\x7f]"), pl.lit(f"{name} contains control characters")))
+    described = {
+        "int64": "an integer",
+        "timestamp": "an integer",
+        "float64": "a finite number",
+        "decimal": "a decimal",
+        "bool": "a boolean (true or false)",
+    }
+    for name, spec in fields.items():
+        kind = spec.field_type.kind
+        if kind in described:
+            checks.append(
+                (
+                    pl.col(name).is_not_null() & pl.col(f"{name}__typed").is_null(),
+                    pl.format(f"{name} is not {described[kind]}: {{}}", pl.col(name).str.slice(0, 40)),
+                )
+            )
+    for name, spec in fields.items():
+        if spec.field_type.kind == "timestamp":
+            limit = _timestamp_limit(spec)
+            typed = pl.col(f"{name}__typed")
+            checks.append(
+                (
+                    (typed < 0) | (typed >= limit),
+                    pl.format(f"{name} out of range [0, {{}}): {{}}", pl.lit(limit), typed),
+                )
+            )
+    for name, spec in fields.items():
+        kind = spec.field_type.kind
+        if kind == "ip":
+            checks.append(
+                (
+                    pl.col(name).is_not_null() & ~pl.col(name).str.contains(IPV4) & ~pl.col(f"{name}__ipv6"),
+                    pl.format(f"{name} is not an IPv4 or IPv6 address: {{}}", pl.col(name).str.slice(0, 60)),
+                )
+            )
+        elif kind == "uuid":
+            checks.append(
+                (
+                    pl.col(name).is_not_null() & ~pl.col(name).str.contains(UUID_PATTERN),
+                    pl.format(f"{name} is not a UUID: {{}}", pl.col(name).str.slice(0, 60)),
+                )
+            )
+    if not checks:
+        return pl.lit(None, dtype=pl.String)
     expression = pl.when(checks[0][0]).then(checks[0][1])
     for condition, reason in checks[1:]:
         expression = expression.when(condition).then(reason)
     return expression.otherwise(pl.lit(None, dtype=pl.String))
+
+
+def _nested(values: pl.Series, text: pl.DataFrame, fields: list[str]) -> dict[str, pl.Series]:
+    """Per text field, True where the event gave an object or an array instead of a string.
+
+    The all-text parse turns a nested value into its JSON text, which looks like a string starting with
+    `{` or `[`; only those few events are parsed again to tell `{"id": {"a": 1}}` from `{"id": "{a}"}`.
+    """
+    looks_nested = {name: text[name].str.contains(r"^[\{\[]").fill_null(False) for name in fields}
+    nested = {name: [False] * text.height for name in fields}
+    suspects = pl.DataFrame(looks_nested).select(pl.any_horizontal(pl.all())).to_series() if fields else None
+    for i in [] if suspects is None else suspects.arg_true().to_list():
+        try:
+            # The first of repeated keys, as the NDJSON reader takes it.
+            document = json.loads(values[i], object_pairs_hook=lambda pairs: dict(reversed(pairs)))
+        except (ValueError, RecursionError):
+            document = {}  # parsed by polars but not by a strict parser: treated as nested, never as text
+        for name in fields:
+            if looks_nested[name][i]:
+                nested[name][i] = not isinstance(document.get(name), str)
+    return {name: pl.Series(f"{name}__nested", flags, dtype=pl.Boolean) for name, flags in nested.items()}
 
 
 def is_ipv6_address(address: str) -> bool:
@@ -209,9 +304,19 @@ def _valid_ipv6(addresses: pl.Series) -> pl.Series:
     return addresses.is_in([address for address in candidates if is_ipv6_address(address)])
 
 
-def decode_events(raw: pl.DataFrame, max_message_bytes: int) -> DecodedBatch:
+def _typed(name: str, spec: SourceField) -> pl.Expr:
+    """The final column of a field: a timestamp becomes a UTC datetime in ms."""
+    typed = pl.col(f"{name}__typed")
+    if spec.field_type.kind == "timestamp":
+        millis = typed if spec.field_type.unit == "ms" else typed * 1000
+        return pl.from_epoch(millis, time_unit="ms").cast(DATETIME_MS).alias(name)
+    return typed.cast(spec.field_type.polars).alias(name)
+
+
+def decode_events(raw: pl.DataFrame, source: Source) -> DecodedBatch:
     """Split a raw batch (kafka_partition, kafka_offset, value) into typed events and dead letters."""
-    screened = raw.with_columns(error=_screen(raw, max_message_bytes))
+    text_schema: dict[str, pl.DataType] = {name: pl.String() for name in source.fields}
+    screened = raw.with_columns(error=_screen(source.max_message_bytes))
     candidates = screened.filter(pl.col("error").is_null())
     values = candidates["value"]
     with_breaks = (values.bin.contains(b"\n") | values.bin.contains(b"\r")).arg_true()
@@ -219,25 +324,21 @@ def decode_events(raw: pl.DataFrame, max_message_bytes: int) -> DecodedBatch:
         one_line = [_one_line(value) for value in values.gather(with_breaks).to_list()]
         values = values.scatter(with_breaks, pl.Series(one_line, dtype=pl.Binary))
     looks_like_object = values.bin.starts_with(b"{") & values.bin.ends_with(b"}")
-    text = _parse_values(values, looks_like_object)
+    text = _parse_values(values, looks_like_object, text_schema)
 
+    ip_fields = [name for name, spec in source.fields.items() if spec.field_type.kind == "ip"]
+    text_fields = [name for name, spec in source.fields.items() if spec.field_type.is_text]
     checked = (
         pl.concat([candidates.select("kafka_partition", "kafka_offset", "value"), text], how="horizontal")
         .with_columns(
-            ad_id_int=pl.col("ad_id").str.strip_chars().str.to_integer(strict=False),
-            timestamp_ms_int=pl.col("timestamp_ms").str.strip_chars().str.to_integer(strict=False),
-            ipv6_valid=_valid_ipv6(text["ip_address"].fill_null("")),
+            [_converted(name, spec).alias(f"{name}__typed") for name, spec in source.fields.items()]
+            + [_valid_ipv6(text[name].fill_null("")).alias(f"{name}__ipv6") for name in ip_fields]
+            + list(_nested(values, text, text_fields).values())
         )
-        .with_columns(error=pl.coalesce(pl.col("parse_error"), _validation_error()))
+        .with_columns(error=pl.coalesce(pl.col("parse_error"), _validation_error(source)))
     )
     events = checked.filter(pl.col("error").is_null()).select(
-        "click_id",
-        "user_id",
-        pl.col("ad_id_int").alias("ad_id"),
-        pl.col("timestamp_ms_int").alias("timestamp_ms"),
-        "ip_address",
-        "kafka_partition",
-        "kafka_offset",
+        *[_typed(name, spec) for name, spec in source.fields.items()], "kafka_partition", "kafka_offset"
     )
     dead_letters = pl.concat(
         [

@@ -1,9 +1,9 @@
-"""Dedup: exactly-once by click_id, with Redis claims that remember which Kafka position owns an id.
+"""Dedup: exactly-once by the pipeline's key, with Redis claims that remember which Kafka position owns a key.
 
-Inside a batch the first occurrence (lowest offset) of an id is the candidate; each candidate is claimed in
-Redis with `SET key position NX GET` (see clickhouse_etl.claims). The id is kept when the claim is new or
-when the existing owner is this very position — a replay of the same range finds its own claims and keeps
-exactly what it kept.
+Inside a batch the first occurrence (lowest offset) of a key is the candidate; each candidate is claimed in
+Redis with `SET key position NX GET` (see clickhouse_etl.clients.claims). The event is kept when the claim is
+new or when the existing owner is this very position — a replay of the same range finds its own claims and
+keeps exactly what it kept.
 """
 
 from __future__ import annotations
@@ -16,9 +16,23 @@ def position_labels(events: pl.DataFrame) -> pl.Series:
     return events.select(pl.format("{}:{}", "kafka_partition", "kafka_offset")).to_series()
 
 
-def first_in_batch(events: pl.DataFrame) -> pl.Series:
-    """True for the first occurrence of each click_id, by offset, within one batch."""
-    return events.select(pl.col("kafka_offset") == pl.col("kafka_offset").min().over("click_id")).to_series()
+def dedup_keys(events: pl.DataFrame, key: list[str]) -> pl.Series:
+    """The key of each event as text: the field itself, or each field's length and text, so that no two
+    different tuples of values give the same key (("a:b", "c") and ("a", "b:c") stay apart)."""
+    if len(key) == 1:
+        return events[key[0]].cast(pl.String)
+    parts = [pl.format("{}:{}", pl.col(n).cast(pl.String).str.len_bytes(), pl.col(n).cast(pl.String)) for n in key]
+    return events.select(pl.concat_str(parts, separator="|")).to_series()
+
+
+def first_in_batch(events: pl.DataFrame, key: list[str]) -> pl.Series:
+    """True for the first occurrence of each key, by offset, within one batch."""
+    return events.select(pl.col("kafka_offset") == pl.col("kafka_offset").min().over(key)).to_series()
+
+
+def claim_keys(prefix: str, topic: str, keys: pl.Series) -> pl.Series:
+    """`<prefix>:<topic>:<key>`: claims of one topic under one prefix (two pipelines never share a prefix)."""
+    return (f"{prefix}:{topic}:" + keys).alias("key")
 
 
 def kept_by_claims(

@@ -1,4 +1,4 @@
-"""Filter: drop clicks from configured networks (IPv4 and IPv6 CIDRs), matched vectorized."""
+"""Filter: drop events from configured networks (IPv4 and IPv6 CIDRs) or matching SQL conditions, vectorized."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import socket
 from dataclasses import dataclass
 
 import polars as pl
+
+from clickhouse_etl.core.pipeline.columns import sql_expression
+from clickhouse_etl.core.pipeline.model import Filter
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,8 @@ class NetworkRules:
         return any(value & int(n.netmask) == int(n.network_address) for n in self.ipv6)
 
 
-def _ipv4_as_int() -> pl.Expr:
-    octets = pl.col("ip_address").str.split_exact(".", 3)
+def _ipv4_as_int(field: str) -> pl.Expr:
+    octets = pl.col(field).str.split_exact(".", 3)
     return (
         octets.struct.field("field_0").cast(pl.UInt32, strict=False) * (1 << 24)
         + octets.struct.field("field_1").cast(pl.UInt32, strict=False) * (1 << 16)
@@ -41,19 +44,30 @@ def _ipv4_as_int() -> pl.Expr:
     )
 
 
-def blocked_mask(events: pl.DataFrame, rules: NetworkRules) -> pl.Series:
-    """True for events whose ip_address lies in one of the rule networks (addresses are pre-validated)."""
-    is_v6 = events["ip_address"].str.contains(":")
+def blocked_mask(events: pl.DataFrame, rules: NetworkRules, field: str = "ip_address") -> pl.Series:
+    """True for events whose address in `field` lies in one of the rule networks (addresses are pre-validated)."""
+    is_v6 = events[field].str.contains(":").fill_null(False)
     blocked = pl.Series("blocked", [False] * events.height, dtype=pl.Boolean)
     if rules.ipv4:
-        as_int = events.select(pl.when(~is_v6).then(_ipv4_as_int()).cast(pl.UInt32)).to_series()
+        as_int = events.select(pl.when(~is_v6).then(_ipv4_as_int(field)).cast(pl.UInt32)).to_series()
         for network in rules.ipv4:
             mask = int(network.netmask)
             in_network = ((as_int.cast(pl.Int64) & mask) == int(network.network_address)).fill_null(False)
             blocked = blocked | in_network
     if is_v6.any() and (rules.ipv6 or rules.ipv4):
-        v6_addresses = events["ip_address"].filter(is_v6).unique().to_list()
+        v6_addresses = events[field].filter(is_v6).unique().to_list()
         blocked_v6 = [address for address in v6_addresses if rules.blocks_ipv6(address)]
         if blocked_v6:
-            blocked = blocked | events["ip_address"].is_in(blocked_v6)
+            blocked = blocked | events[field].is_in(blocked_v6).fill_null(False)
     return blocked.alias("blocked")
+
+
+def dropped_mask(events: pl.DataFrame, rules: Filter) -> pl.Series:
+    """True for events a network rule or a `drop_when` condition drops (a NULL condition drops nothing)."""
+    dropped = pl.Series("dropped", [False] * events.height, dtype=pl.Boolean)
+    for rule in rules.drop_networks:
+        dropped = dropped | blocked_mask(events, NetworkRules.parse(rule.cidrs), rule.field)
+    if rules.drop_when:
+        conditions = pl.any_horizontal([sql_expression(sql).fill_null(False) for sql in rules.drop_when])
+        dropped = dropped | events.select(conditions).to_series()
+    return dropped.alias("dropped")

@@ -14,9 +14,16 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from clickhouse_etl import demo_data, schemas, stack
-from clickhouse_etl.clickhouse_store import clickhouse_session
-from clickhouse_etl.settings import Settings, load_settings
+from clickhouse_etl.clients.clickhouse import clickhouse_session
+from clickhouse_etl.core.pipeline.loading import load_pipelines, write_pipeline_file
+from clickhouse_etl.core.pipeline.model import Pipeline
+from clickhouse_etl.core.settings import Settings, load_settings
+from clickhouse_etl.dev import stack
+from clickhouse_etl.dev.datasets import DATASETS
+from clickhouse_etl.tools.commands import ensure_pipeline_tables
+
+# The packaged pipelines as their files declare them (no CLICKHOUSE_ETL_* of the caller reaches them).
+AD_CLICKS, API_USAGE = (loaded.pipeline for loaded in load_pipelines("ad_clicks,api_usage", environment={}))
 
 # TEST_STACK_PORT_OFFSET moves the whole test stack (ports and folder), so two sessions can run side by side.
 TEST_PORT_OFFSET = int(os.environ.get("TEST_STACK_PORT_OFFSET", "0"))
@@ -62,31 +69,51 @@ def stack_dir() -> Path:
 @pytest.fixture(scope="session")
 def base_settings(stack_dir: Path) -> Iterator[Settings]:
     settings = fresh_stack(stack_dir, TEST_PORTS)
-    demo_data.seed_campaigns(settings, 100)
+    for dataset in DATASETS.values():
+        dataset.seed_lookup_table(settings, dataset.lookup_rows)
     yield settings
     stack.stack_down(settings, echo=print)
 
 
-@pytest.fixture
-def topic(base_settings: Settings) -> str:
-    """A new three-partition topic per test: tests never see each other's offsets or claims."""
-    name = f"clicks_{uuid.uuid4().hex[:10]}"
-    admin = AdminClient({"bootstrap.servers": base_settings.kafka_bootstrap_servers})
+def new_topic(settings: Settings, prefix: str) -> str:
+    """A new three-partition topic: tests never see each other's offsets or claims."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
     admin.create_topics([NewTopic(name, num_partitions=3, replication_factor=1)])[name].result(30)
     return name
 
 
+def configure(settings: Settings, pipelines: list[Pipeline], folder: Path) -> Settings:
+    """The settings with exactly these pipelines configured (written to files, as child processes read them),
+    their tables emptied and the claims flushed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [write_pipeline_file(pipeline, folder) for pipeline in pipelines]
+    configured = settings.model_copy(update={"pipelines": ",".join(files)})
+    ensure_pipeline_tables(configured, pipelines)
+    with clickhouse_session(configured.clickhouse_dsn, 60) as client:
+        for pipeline in pipelines:
+            for table in pipeline.tables[:2] + [a.partials for a in pipeline.aggregate]:
+                client.command(f"TRUNCATE TABLE IF EXISTS analytics.`{table}`")
+    redis.Redis.from_url(configured.redis_url).flushdb()
+    return configured
+
+
 @pytest.fixture
-def settings(base_settings: Settings, topic: str) -> Settings:
-    """Settings of one test: its topic, small ranges (many runs), tails flushed at once; empty warehouse."""
-    test_settings = base_settings.model_copy(
-        update={"topic": topic, "max_records_per_run": 5_000, "max_batch_wait_seconds": 0.0}
-    )
-    with clickhouse_session(test_settings.clickhouse_dsn, 60) as client:
-        for table in (schemas.ENRICHED_TABLE, schemas.DEAD_LETTER_TABLE, schemas.PARTIALS_TABLE):
-            client.command(f"TRUNCATE TABLE IF EXISTS analytics.{table}")
-    redis.Redis.from_url(test_settings.redis_url).flushdb()
-    return test_settings
+def topic(base_settings: Settings) -> str:
+    return new_topic(base_settings, "clicks")
+
+
+@pytest.fixture
+def pipeline(topic: str) -> Pipeline:
+    """The ad_clicks pipeline, reading the test's own topic."""
+    return AD_CLICKS.with_topic(topic)
+
+
+@pytest.fixture
+def settings(base_settings: Settings, pipeline: Pipeline, tmp_path: Path) -> Settings:
+    """Settings of one test: its pipeline, small ranges (many runs), tails flushed at once; empty warehouse."""
+    small = base_settings.model_copy(update={"max_records_per_run": 5_000, "max_batch_wait_seconds": 0.0})
+    return configure(small, [pipeline], tmp_path / "pipelines")
 
 
 @pytest.fixture

@@ -12,15 +12,16 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from clickhouse_etl import demo_data, schemas
-from clickhouse_etl.catchup import CatchUpReport, catch_up, run_range
-from clickhouse_etl.clickhouse_store import clickhouse_session
-from clickhouse_etl.definitions import build_definitions
-from clickhouse_etl.jobs import INGEST_JOB_NAME
-from clickhouse_etl.settings import Settings, settings_environment
-from clickhouse_etl.steps.ranges import OffsetRange
+from clickhouse_etl.clients.clickhouse import clickhouse_session
+from clickhouse_etl.core.pipeline.model import Pipeline
+from clickhouse_etl.core.ranges import OffsetRange
+from clickhouse_etl.core.settings import Settings, settings_environment
+from clickhouse_etl.dev.datasets import dataset_for
+from clickhouse_etl.dev.demo_data import EventShares
+from clickhouse_etl.dev.producing import ProduceReport, produce_count
+from clickhouse_etl.tools.catchup import CatchUpReport, catch_up, ingest_job, run_range
 
-ALL_KINDS = demo_data.EventShares(
+ALL_KINDS = EventShares(
     duplicate=0.10,
     duplicate_other_partition=0.4,
     bot=0.05,
@@ -33,12 +34,22 @@ ALL_KINDS = demo_data.EventShares(
 )
 
 
-def produce(settings: Settings, count: int, shares: demo_data.EventShares = ALL_KINDS, seed: int = 11) -> None:
-    demo_data.produce_count(settings, settings.topic, count, shares=shares, partitions=[0, 1, 2], seed=seed)
+def produce(
+    settings: Settings, pipeline: Pipeline, count: int, shares: object | None = None, seed: int = 11
+) -> ProduceReport:
+    """`count` demo events of the pipeline over partitions 0, 1 and 2; ad clicks of every kind by default."""
+    if shares is None and pipeline.name == "ad_clicks":
+        shares = ALL_KINDS
+    generate = dataset_for(pipeline.name).generator(shares)
+    return produce_count(settings, pipeline.topic, count, generate, partitions=[0, 1, 2], seed=seed)
 
 
-def run_catch_up(settings: Settings, instance: dg.DagsterInstance) -> CatchUpReport:
-    return catch_up(settings, instance, echo=lambda _: None)
+def run_catch_up(settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance) -> CatchUpReport:
+    return catch_up(settings, pipeline, instance, echo=lambda _: None)
+
+
+def job_of(settings: Settings, pipeline: Pipeline) -> dg.JobDefinition:
+    return ingest_job(settings, pipeline)
 
 
 def query(settings: Settings, sql: str, **parameters: object) -> list[tuple]:
@@ -46,33 +57,45 @@ def query(settings: Settings, sql: str, **parameters: object) -> list[tuple]:
         return list(client.query(sql, parameters=parameters).result_rows)
 
 
-def enriched_rows(settings: Settings) -> list[tuple]:
+def enriched_rows(settings: Settings, pipeline: Pipeline) -> list[tuple]:
     return query(
         settings,
         f"SELECT click_id, user_id, ad_id, campaign_name, campaign_budget, ip_address, click_time, processed_at, "
-        f"kafka_partition, kafka_offset FROM analytics.{schemas.ENRICHED_TABLE} WHERE kafka_topic = {{t:String}} "
+        f"kafka_partition, kafka_offset FROM analytics.{pipeline.sink.table} WHERE kafka_topic = {{t:String}} "
         f"ORDER BY kafka_partition, kafka_offset",
-        t=settings.topic,
+        t=pipeline.topic,
     )
 
 
-def dead_letter_rows(settings: Settings) -> list[tuple]:
+def dead_letter_rows(settings: Settings, pipeline: Pipeline) -> list[tuple]:
     return query(
         settings,
-        f"SELECT kafka_partition, kafka_offset, raw_value, error, failed_at FROM analytics.{schemas.DEAD_LETTER_TABLE} "
+        f"SELECT kafka_partition, kafka_offset, raw_value, error, failed_at FROM analytics.{pipeline.sink.dead_letters} "
         f"WHERE kafka_topic = {{t:String}} ORDER BY kafka_partition, kafka_offset",
-        t=settings.topic,
+        t=pipeline.topic,
     )
 
 
-def warehouse_snapshot(settings: Settings) -> dict[str, list[tuple]]:
+def warehouse_snapshot(settings: Settings, pipeline: Pipeline) -> dict[str, list[tuple]]:
     """Everything the pipeline wrote, for before/after comparisons."""
-    return {
-        "enriched": enriched_rows(settings),
-        "dead_letters": dead_letter_rows(settings),
-        "partials": query(settings, f"SELECT * FROM analytics.{schemas.PARTIALS_TABLE} ORDER BY ALL"),
-        "stats": query(settings, f"SELECT * FROM analytics.{schemas.MINUTE_STATS_VIEW} ORDER BY ALL"),
+    topic = {"t": pipeline.topic}
+    snapshot = {
+        "rows": query(
+            settings,
+            f"SELECT * FROM analytics.{pipeline.sink.table} WHERE kafka_topic = {{t:String}} ORDER BY ALL",
+            **topic,
+        ),
+        "dead_letters": dead_letter_rows(settings, pipeline),
     }
+    for aggregate in pipeline.aggregate:
+        snapshot[aggregate.partials] = query(
+            settings,
+            f"SELECT * FROM analytics.{aggregate.partials} WHERE kafka_topic = {{t:String}} ORDER BY ALL",
+            **topic,
+        )
+        for view in aggregate.windows.values():
+            snapshot[view] = query(settings, f"SELECT * FROM analytics.{view} ORDER BY ALL")
+    return snapshot
 
 
 def _utc(moment: datetime) -> datetime:
@@ -80,17 +103,15 @@ def _utc(moment: datetime) -> datetime:
 
 
 def stats_by_window(settings: Settings) -> dict[tuple, tuple[int, int]]:
-    rows = query(
-        settings, f"SELECT minute, campaign_name, clicks, unique_users FROM analytics.{schemas.MINUTE_STATS_VIEW}"
-    )
+    rows = query(settings, "SELECT minute, campaign_name, clicks, unique_users FROM analytics.campaign_minute_stats")
     return {(_utc(minute), name): (clicks, users) for minute, name, clicks, users in rows}
 
 
 def direct_stats(settings: Settings) -> dict[tuple, tuple[int, int]]:
     rows = query(
         settings,
-        f"SELECT toStartOfMinute(click_time), campaign_name, count(), uniqExact(user_id) "
-        f"FROM analytics.{schemas.ENRICHED_TABLE} GROUP BY 1, 2",
+        "SELECT toStartOfMinute(click_time), campaign_name, count(), uniqExact(user_id) "
+        "FROM analytics.ad_clicks_enriched GROUP BY 1, 2",
     )
     return {(_utc(minute), name): (clicks, users) for minute, name, clicks, users in rows}
 
@@ -99,7 +120,7 @@ CLI = [sys.executable, "-m", "clickhouse_etl.cli"]
 
 
 def cli_env(settings: Settings, dagster_home: str = "", **extra: str) -> dict[str, str]:
-    """The environment a command-line process needs to use the test's stack, topic and Dagster home."""
+    """The environment a command-line process needs to use the test's stack, pipelines and Dagster home."""
     environment = {**os.environ, **settings_environment(settings), **extra}
     if dagster_home:
         environment["DAGSTER_HOME"] = dagster_home
@@ -107,10 +128,10 @@ def cli_env(settings: Settings, dagster_home: str = "", **extra: str) -> dict[st
 
 
 def run_in_background(
-    settings: Settings, instance: dg.DagsterInstance, offset_range: OffsetRange
+    settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance, offset_range: OffsetRange
 ) -> tuple[threading.Thread, list[dg.ExecuteInProcessResult]]:
     """Run one range in a thread, so the test can break a dependency while the run is in a given stage."""
-    job = build_definitions(settings).get_job_def(INGEST_JOB_NAME)
+    job = job_of(settings, pipeline)
     results: list[dg.ExecuteInProcessResult] = []
     thread = threading.Thread(target=lambda: results.append(run_range(job, instance, offset_range)), daemon=True)
     thread.start()

@@ -10,34 +10,32 @@ from contextlib import contextmanager
 import dagster as dg
 import pytest
 
-from clickhouse_etl import stack
-from clickhouse_etl.catchup import _first_error, run_range
-from clickhouse_etl.definitions import build_definitions
-from clickhouse_etl.failpoints import FAILPOINT_VARIABLE
-from clickhouse_etl.jobs import INGEST_JOB_NAME
-from clickhouse_etl.ledger import read_ledger
-from clickhouse_etl.settings import Settings
-from clickhouse_etl.steps.ranges import OffsetRange
+from clickhouse_etl.core.failpoints import FAILPOINT_VARIABLE
+from clickhouse_etl.core.pipeline.model import Pipeline
+from clickhouse_etl.core.ranges import OffsetRange
+from clickhouse_etl.core.settings import Settings
+from clickhouse_etl.dev import stack
+from clickhouse_etl.orchestration.run_records import read_ledger
+from clickhouse_etl.tools.catchup import _first_error, run_range
 
-from .helpers import enriched_rows, produce, run_catch_up, run_in_background, wait_for_step_event
+from .helpers import enriched_rows, job_of, produce, run_catch_up, run_in_background, wait_for_step_event
 from .test_ingest import assert_matches_reference
 
 pytestmark = pytest.mark.integration
 
 
-def first_range(settings: Settings) -> OffsetRange:
-    return OffsetRange(settings.topic, 0, 0, 1_000)
+def first_range(pipeline: Pipeline) -> OffsetRange:
+    return OffsetRange(pipeline.topic, 0, 0, 1_000)
 
 
-def run_once(settings: Settings, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
-    job = build_definitions(settings).get_job_def(INGEST_JOB_NAME)
-    return run_range(job, instance, first_range(settings))
+def run_once(settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+    return run_range(job_of(settings, pipeline), instance, first_range(pipeline))
 
 
-def assert_nothing_committed(settings: Settings, instance: dg.DagsterInstance) -> None:
-    entry = read_ledger(instance, settings.topic).get(0)
+def assert_nothing_committed(pipeline: Pipeline, instance: dg.DagsterInstance) -> None:
+    entry = read_ledger(instance, pipeline.job_name, pipeline.topic).get(0)
     assert entry is None or entry.committed_end is None  # offsets did not advance
-    assert entry is not None and first_range(settings) in entry.failed  # failed, awaiting retry
+    assert entry is not None and first_range(pipeline) in entry.failed  # failed, awaiting retry
 
 
 @contextmanager
@@ -57,17 +55,17 @@ def service_stopped(service: stack.RedisService | stack.PostgresService | stack.
 
 
 def test_redis_down_fails_closed_and_nothing_is_loaded_without_a_claim(
-    settings: Settings, instance: dg.DagsterInstance
+    settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance
 ) -> None:
-    produce(settings, 3_000, seed=31)
+    produce(settings, pipeline, 3_000, seed=31)
     with service_stopped(stack.RedisService(settings)):
-        result = run_once(settings, instance)
+        result = run_once(settings, pipeline, instance)
         assert not result.success
         assert "dedup_events" in _first_error(result) and "Redis" in _first_error(result)
-        assert enriched_rows(settings) == []
-        assert_nothing_committed(settings, instance)
-    run_catch_up(settings, instance)
-    assert_matches_reference(settings)
+        assert enriched_rows(settings, pipeline) == []
+        assert_nothing_committed(pipeline, instance)
+    run_catch_up(settings, pipeline, instance)
+    assert_matches_reference(settings, pipeline)
 
 
 def retries_of(result: dg.ExecuteInProcessResult, step_key: str) -> int:
@@ -82,30 +80,30 @@ def commit_metadata(result: dg.ExecuteInProcessResult) -> dict[str, object]:
 
 
 def test_redis_stopped_mid_run_retries_with_backoff_and_completes_exactly_once(
-    settings: Settings, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    produce(settings, 3_000, seed=36)
+    produce(settings, pipeline, 3_000, seed=36)
     monkeypatch.setenv(FAILPOINT_VARIABLE, "after_read:sleep=3")  # a window to stop Redis before the claims
-    thread, results = run_in_background(settings, instance, first_range(settings))
+    thread, results = run_in_background(settings, pipeline, instance, first_range(pipeline))
     wait_for_step_event(instance, "read", dg.DagsterEventType.STEP_START)
     with service_stopped(stack.RedisService(settings)):
         wait_for_step_event(instance, "dedup_events", dg.DagsterEventType.STEP_UP_FOR_RETRY)
-        assert enriched_rows(settings) == []  # nothing loaded without a claim
+        assert enriched_rows(settings, pipeline) == []  # nothing loaded without a claim
     thread.join(120)
     [result] = results
     assert result.success  # a later attempt of the step found Redis back
     assert retries_of(result, "dedup_events") >= 1
     monkeypatch.delenv(FAILPOINT_VARIABLE)
-    run_catch_up(settings, instance)
-    assert_matches_reference(settings)
+    run_catch_up(settings, pipeline, instance)
+    assert_matches_reference(settings, pipeline)
 
 
 def test_kafka_broker_restarted_mid_read_completes_exactly_once(
-    settings: Settings, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    produce(settings, 3_000, seed=38)
+    produce(settings, pipeline, 3_000, seed=38)
     monkeypatch.setenv(FAILPOINT_VARIABLE, "before_read:sleep=2")  # the broker goes away inside the read step
-    thread, results = run_in_background(settings, instance, OffsetRange(settings.topic, 0, 0, 500))
+    thread, results = run_in_background(settings, pipeline, instance, OffsetRange(pipeline.topic, 0, 0, 500))
     wait_for_step_event(instance, "read", dg.DagsterEventType.STEP_START)
     with service_stopped(stack.KafkaService(settings)):
         time.sleep(3)  # the read meets a broker that is gone
@@ -113,93 +111,102 @@ def test_kafka_broker_restarted_mid_read_completes_exactly_once(
     [result] = results
     assert result.success, result.all_events[-1]
     monkeypatch.delenv(FAILPOINT_VARIABLE)
-    run_catch_up(settings, instance)
-    assert_matches_reference(settings)
+    run_catch_up(settings, pipeline, instance)
+    assert_matches_reference(settings, pipeline)
 
 
 def test_postgres_down_with_the_last_good_snapshot_enriches_from_it_and_says_so(
-    settings: Settings, instance: dg.DagsterInstance, tmp_path
+    settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance, tmp_path
 ) -> None:
-    produce(settings, 3_000, seed=37)
-    fallback = settings.model_copy(update={"campaigns_fallback": "last_good", "data_dir": tmp_path})
-    job = build_definitions(fallback).get_job_def(INGEST_JOB_NAME)
+    produce(settings, pipeline, 3_000, seed=37)
+    fallback = settings.model_copy(update={"data_dir": tmp_path})
+    fallback_pipeline = pipeline.model_copy(
+        update={"enrich": [pipeline.enrich[0].model_copy(update={"fallback": "last_good"})]}
+    )
+    job = job_of(fallback, fallback_pipeline)
     postgres = stack.PostgresService(settings)
 
     with service_stopped(postgres):  # no snapshot was read yet: nothing can stand in
-        nothing_saved = run_range(job, instance, OffsetRange(settings.topic, 0, 0, 300))
+        nothing_saved = run_range(job, instance, OffsetRange(pipeline.topic, 0, 0, 300))
         assert not nothing_saved.success
-        assert "no last good campaigns snapshot was saved" in _first_error(nothing_saved)
+        assert "no last good snapshot was saved" in _first_error(nothing_saved)
 
-    from_postgres = run_range(job, instance, OffsetRange(settings.topic, 1, 0, 300))
+    from_postgres = run_range(job, instance, OffsetRange(pipeline.topic, 1, 0, 300))
     assert from_postgres.success and commit_metadata(from_postgres)["snapshot_source"] == "postgres"
-    assert fallback.last_good_campaigns_path.exists()
+    assert (tmp_path / "snapshots" / "ad_clicks" / "campaigns.csv").exists()
 
     with service_stopped(postgres):
-        from_saved = run_range(job, instance, OffsetRange(settings.topic, 1, 300, 600))
+        from_saved = run_range(job, instance, OffsetRange(pipeline.topic, 1, 300, 600))
     assert from_saved.success
     metadata = commit_metadata(from_saved)
     assert str(metadata["snapshot_source"]).startswith("last good snapshot saved")
     assert metadata["snapshot_version"] == commit_metadata(from_postgres)["snapshot_version"]
     assert retries_of(from_saved, "enrich_events") == 0  # the saved snapshot stands in at once
 
-    run_catch_up(settings, instance)  # the failed range is run again
-    assert_matches_reference(settings)
+    run_catch_up(settings, pipeline, instance)  # the failed range is run again
+    assert_matches_reference(settings, pipeline)
 
 
-def test_postgres_down_fails_the_run_clearly(settings: Settings, instance: dg.DagsterInstance) -> None:
-    produce(settings, 3_000, seed=32)
+def test_postgres_down_fails_the_run_clearly(
+    settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance
+) -> None:
+    produce(settings, pipeline, 3_000, seed=32)
     with service_stopped(stack.PostgresService(settings)):
-        result = run_once(settings, instance)
+        result = run_once(settings, pipeline, instance)
         assert not result.success
         assert "enrich_events" in _first_error(result)
-        assert enriched_rows(settings) == []
-        assert_nothing_committed(settings, instance)
-    run_catch_up(settings, instance)
-    assert_matches_reference(settings)
+        assert enriched_rows(settings, pipeline) == []
+        assert_nothing_committed(pipeline, instance)
+    run_catch_up(settings, pipeline, instance)
+    assert_matches_reference(settings, pipeline)
 
 
 def test_embedded_clickhouse_held_elsewhere_retries_then_fails_without_advancing(
-    settings: Settings, instance: dg.DagsterInstance
+    settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance
 ) -> None:
-    produce(settings, 3_000, seed=33)
+    produce(settings, pipeline, 3_000, seed=33)
     waiting = settings.model_copy(update={"clickhouse_lock_timeout_seconds": 1.0})
     lock_path = settings.chdb_path.with_name(settings.chdb_path.name + ".lock")
     with open(lock_path, "a+") as holder:
         fcntl.flock(holder.fileno(), fcntl.LOCK_EX)  # another "process" holds the store
-        result = run_once(waiting, instance)
+        result = run_once(waiting, pipeline, instance)
         fcntl.flock(holder.fileno(), fcntl.LOCK_UN)
     assert not result.success
     assert "load" in _first_error(result) and "stayed held by another process" in _first_error(result)
     load_attempts = [e for e in result.all_events if e.step_key == "load" and e.event_type_value == "STEP_UP_FOR_RETRY"]
     assert len(load_attempts) == 3  # retried with backoff before failing
-    assert_nothing_committed(settings, instance)
-    run_catch_up(settings, instance)  # the claims of the failed run are its own: nothing lost, nothing twice
-    assert_matches_reference(settings)
+    assert_nothing_committed(pipeline, instance)
+    run_catch_up(settings, pipeline, instance)  # the claims of the failed run are its own: nothing lost, nothing twice
+    assert_matches_reference(settings, pipeline)
 
 
-def test_clickhouse_server_refusing_connections_fails_the_run(settings: Settings, instance: dg.DagsterInstance) -> None:
-    produce(settings, 4_000, seed=34)
+def test_clickhouse_server_refusing_connections_fails_the_run(
+    settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance
+) -> None:
+    produce(settings, pipeline, 4_000, seed=34)
     refusing = settings.model_copy(
         update={"clickhouse_dsn": "http://127.0.0.1:1", "clickhouse_lock_timeout_seconds": 1.0}
     )
-    result = run_once(refusing, instance)
+    result = run_once(refusing, pipeline, instance)
     assert not result.success
     assert "load" in _first_error(result) and "unavailable" in _first_error(result)
-    assert_nothing_committed(refusing, instance)
+    assert_nothing_committed(pipeline, instance)
 
 
-def test_kafka_offsets_gone_are_a_clear_gap(settings: Settings, instance: dg.DagsterInstance) -> None:
+def test_kafka_offsets_gone_are_a_clear_gap(
+    settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance
+) -> None:
     from confluent_kafka import TopicPartition
     from confluent_kafka.admin import AdminClient
 
-    produce(settings, 3_000, seed=35)
+    produce(settings, pipeline, 3_000, seed=35)
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
     # Retention in miniature: delete the records before offset 500 of partition 0.
-    deleted = admin.delete_records([TopicPartition(settings.topic, 0, 500)])
+    deleted = admin.delete_records([TopicPartition(pipeline.topic, 0, 500)])
     for future in deleted.values():
         future.result(30)
-    result = run_once(settings, instance)  # [0, 1000) starts below the new low watermark
+    result = run_once(settings, pipeline, instance)  # [0, 1000) starts below the new low watermark
     assert not result.success
     assert "no longer exist" in _first_error(result) and "low watermark 500" in _first_error(result)
     assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]  # retrying cannot help
-    assert_nothing_committed(settings, instance)
+    assert_nothing_committed(pipeline, instance)

@@ -2,10 +2,10 @@
 
 import pytest
 
-from clickhouse_etl.backfill import BackfillError, plan_backfill
-from clickhouse_etl.ledger import PartitionLedger
-from clickhouse_etl.offsets import format_offsets, partition_offsets
-from clickhouse_etl.steps.ranges import OffsetRange
+from clickhouse_etl.core.backfill import BackfillError, plan_backfill
+from clickhouse_etl.core.ledger import PartitionLedger
+from clickhouse_etl.core.offsets import format_offsets, partition_offsets
+from clickhouse_etl.core.ranges import OffsetRange
 
 WATERMARKS = {0: (100, 10_000), 1: (0, 5_000)}
 
@@ -51,7 +51,7 @@ def test_forced_backfill_is_widened_to_whole_committed_ranges() -> None:
     plan = plan_backfill("t", 0, 1_200, 3_100, True, WATERMARKS, committed, 10_000)
     assert plan.requested == r(1_000, 4_000)
     assert plan.ranges == [r(1_000, 3_000), r(3_000, 4_000)]
-    assert plan.tags()["etl/force"] == "true" and plan.tags()["etl/trigger"] == "backfill"
+    assert plan.force
 
 
 def test_committed_ranges_of_other_partitions_are_ignored() -> None:

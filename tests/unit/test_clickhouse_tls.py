@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from clickhouse_etl.clickhouse_store import ClickHouseUnavailable, clickhouse_session
+from clickhouse_etl.clients.clickhouse import ClickHouseUnavailable, clickhouse_session
 
 TLS_HANDSHAKE = 0x16
 

@@ -1,4 +1,5 @@
-"""Unit tests of clickhouse_etl.steps.decode.decode_events."""
+"""Unit tests of clickhouse_etl.steps.decode.decode_events, with the ad_clicks pipeline's source fields (other
+field types: test_decode_types.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clickhouse_etl.steps.decode import (
-    DEAD_LETTER_SCHEMA,
-    EVENT_SCHEMA,
-    FAST_PATH_CHUNK,
-    MAX_TIMESTAMP_MS,
-    RAW_SCHEMA,
-    decode_events,
-)
+from clickhouse_etl.core.pipeline.loading import load_pipelines
+from clickhouse_etl.steps import decode
+from clickhouse_etl.steps.decode import DEAD_LETTER_SCHEMA, FAST_PATH_CHUNK, MAX_TIMESTAMP_MS, RAW_SCHEMA
 
 MAX_BYTES = 65_536
+SOURCE = load_pipelines("ad_clicks", environment={})[0].pipeline.source
+EVENT_SCHEMA = decode.event_schema(SOURCE)
+
+
+def decode_events(raw: pl.DataFrame, max_message_bytes: int) -> decode.DecodedBatch:
+    """The ad_clicks source with another size limit; timestamps as ms since the epoch, for comparison."""
+    batch = decode.decode_events(raw, SOURCE.model_copy(update={"max_message_bytes": max_message_bytes}))
+    return batch
+
+
+def epoch_ms(batch: decode.DecodedBatch) -> list[int]:
+    return batch.events["timestamp_ms"].dt.epoch("ms").to_list()
 
 
 def raw_frame(values: list[bytes | None], partition: int = 0, first_offset: int = 0) -> pl.DataFrame:
@@ -65,7 +73,8 @@ def outcomes(batch) -> dict[tuple[int, int], tuple]:
     for row in batch.events.iter_rows(named=True):
         key = (row["kafka_partition"], row["kafka_offset"])
         assert key not in result, f"{key} decoded twice"
-        fields = (row["click_id"], row["user_id"], row["ad_id"], row["timestamp_ms"], row["ip_address"])
+        timestamp_ms = int(row["timestamp_ms"].timestamp() * 1000) if row["timestamp_ms"] is not None else None
+        fields = (row["click_id"], row["user_id"], row["ad_id"], timestamp_ms, row["ip_address"])
         result[key] = ("event", fields)
     for row in batch.dead_letters.iter_rows(named=True):
         key = (row["kafka_partition"], row["kafka_offset"])
@@ -93,16 +102,17 @@ def test_valid_events_are_typed_and_keep_their_position():
     assert dict(batch.events.schema) == EVENT_SCHEMA
     assert dict(batch.dead_letters.schema) == DEAD_LETTER_SCHEMA
     assert batch.dead_letters.height == 0
-    assert batch.events.rows() == [(f"c{i}", f"u{i}", i, 1_000 + i, "10.1.2.3", 3, 100 + i) for i in range(5)]
+    rows = batch.events.with_columns(pl.col("timestamp_ms").dt.epoch("ms")).rows()
+    assert rows == [(f"c{i}", f"u{i}", i, 1_000 + i, "10.1.2.3", 3, 100 + i) for i in range(5)]
 
 
 def test_numeric_strings_are_coerced_to_integers():
     batch = decode_one(encode(click(ad_id="42", timestamp_ms="1700000000000")))
     assert batch.dead_letters.height == 0
     assert batch.events["ad_id"].to_list() == [42]
-    assert batch.events["timestamp_ms"].to_list() == [1_700_000_000_000]
+    assert epoch_ms(batch) == [1_700_000_000_000]
     assert batch.events.schema["ad_id"] == pl.Int64
-    assert batch.events.schema["timestamp_ms"] == pl.Int64
+    assert batch.events.schema["timestamp_ms"] == pl.Datetime("ms", "UTC")
 
 
 def test_unknown_extra_fields_are_ignored():
@@ -117,7 +127,13 @@ def test_unknown_extra_fields_are_ignored():
     batch = decode_one(encode(document))
     assert batch.dead_letters.height == 0
     assert batch.events.columns == list(EVENT_SCHEMA)
-    assert batch.events.row(0)[:5] == ("c-1", "u-1", 7, 1_700_000_000_000, "10.1.2.3")
+    assert batch.events.with_columns(pl.col("timestamp_ms").dt.epoch("ms")).row(0)[:5] == (
+        "c-1",
+        "u-1",
+        7,
+        1_700_000_000_000,
+        "10.1.2.3",
+    )
 
 
 def test_valid_ipv6_is_kept():
@@ -141,7 +157,7 @@ def test_timestamp_bounds_are_inclusive_of_zero_and_exclusive_of_max():
         raw_frame([encode(click(timestamp_ms=0)), encode(click(timestamp_ms=MAX_TIMESTAMP_MS - 1))]), MAX_BYTES
     )
     assert batch.dead_letters.height == 0
-    assert batch.events["timestamp_ms"].to_list() == [0, MAX_TIMESTAMP_MS - 1]
+    assert epoch_ms(batch) == [0, MAX_TIMESTAMP_MS - 1]
 
 
 def test_message_of_exactly_max_bytes_is_not_oversized():

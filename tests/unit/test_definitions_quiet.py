@@ -11,9 +11,9 @@ def test_loading_the_definitions_prints_no_warning() -> None:
         [
             sys.executable,
             "-c",
-            "from clickhouse_etl.definitions import build_definitions\n"
-            "from clickhouse_etl.settings import Settings\n"
-            "build_definitions(Settings()).get_repository_def()\n",
+            "from clickhouse_etl.orchestration.definitions import configured_definitions\n"
+            "from clickhouse_etl.core.settings import Settings\n"
+            "configured_definitions(Settings(pipelines='ad_clicks,api_usage')).get_repository_def()\n",
         ],
         capture_output=True,
         text=True,

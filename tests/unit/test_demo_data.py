@@ -1,4 +1,4 @@
-"""Unit tests of clickhouse_etl.demo_data.generate_events and demo_campaigns (nothing is produced)."""
+"""Unit tests of clickhouse_etl.dev.demo_data.generate_events and demo_campaigns (nothing is produced)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from decimal import Decimal
 import polars as pl
 import pytest
 
-from clickhouse_etl.demo_data import (
+from clickhouse_etl.dev.demo_data import (
     LATE_BY_MS,
     UNKNOWN_AD_ID_BASE,
     EventShares,
     demo_campaigns,
     generate_events,
 )
+from clickhouse_etl.core.pipeline.loading import load_pipelines
 from clickhouse_etl.steps.decode import RAW_SCHEMA, decode_events
 
 COUNT = 100_000
@@ -218,7 +219,7 @@ def test_decode_dead_letters_exactly_the_malformed_messages(generated):
         },
         schema=RAW_SCHEMA,
     )
-    batch = decode_events(raw, 65_536)
+    batch = decode_events(raw, load_pipelines("ad_clicks", environment={})[0].pipeline.source)
     malformed_offsets = generated.with_row_index("offset").filter(pl.col("kind") == "malformed")["offset"]
     assert sorted(batch.dead_letters["kafka_offset"].to_list()) == sorted(malformed_offsets.to_list())
     assert batch.events.height == generated.height - malformed_offsets.len()

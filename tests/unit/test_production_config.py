@@ -41,11 +41,14 @@ from dagster._core.utils import make_new_run_id
 from dagster._serdes import class_from_code_pointer, serialize_value
 from dagster._serdes.config_class import ConfigurableClassData
 
-from clickhouse_etl.definitions import build_definitions
-from clickhouse_etl.jobs import INGEST_JOB_NAME, range_run_config, range_tags
-from clickhouse_etl.ledger import read_ledger
-from clickhouse_etl.schemas import clickhouse_ddl
-from clickhouse_etl.settings import load_settings
+from clickhouse_etl.core.pipeline.ddl import all_statements
+from clickhouse_etl.core.pipeline.loading import load_pipelines
+from clickhouse_etl.core.ranges import OffsetRange
+from clickhouse_etl.core.settings import load_settings
+from clickhouse_etl.orchestration.definitions import configured_definitions
+from clickhouse_etl.orchestration.jobs import range_run_config
+from clickhouse_etl.orchestration.run_records import read_ledger
+from clickhouse_etl.orchestration.tags import PARTITION_SLOT, range_tags
 
 ROOT = Path(__file__).parents[2]
 PRODUCTION_YAML = ROOT / "deploy" / "dagster.production.yaml"
@@ -81,6 +84,7 @@ PRODUCTION_ENVIRONMENT = {
     ),
     "CLICKHOUSE_DSN": f"https://clickhouse_etl:{SECRETS['clickhouse']}@clickhouse.example.com:8443/",
     "CLICKHOUSE_ETL_TOPIC": "ad_clicks",
+    "CLICKHOUSE_ETL_PIPELINES": "ad_clicks,api_usage",
     "CLICKHOUSE_ETL_MAX_RECORDS_PER_RUN": "1000000",
 }
 # Values the env: references of the instance files resolve to.
@@ -128,8 +132,9 @@ def instance_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, value)
 
 
-def kafka_tp_limit(config: dict[str, Any]) -> list[dict[str, Any]]:
-    return [limit for limit in config["concurrency"]["runs"]["tag_concurrency_limits"] if limit["key"] == "kafka/tp"]
+def partition_limit(config: dict[str, Any]) -> list[dict[str, Any]]:
+    limits = config["concurrency"]["runs"]["tag_concurrency_limits"]
+    return [limit for limit in limits if limit["key"] == PARTITION_SLOT]
 
 
 def test_production_instance_passes_dagsters_config_check(instance_environment: None, tmp_path: Path) -> None:
@@ -148,7 +153,7 @@ def test_local_instance_passes_dagsters_config_check(tmp_path: Path) -> None:
     config, not_importable = check_instance_file(LOCAL_YAML.parent, LOCAL_YAML.name, tmp_path)
 
     assert not_importable == set()  # SQLite storage and the default launcher: all of Dagster core
-    assert kafka_tp_limit(config)
+    assert partition_limit(config)
 
 
 def test_compose_instance_passes_dagsters_config_check(instance_environment: None, tmp_path: Path) -> None:
@@ -176,9 +181,9 @@ def test_every_instance_keeps_one_run_per_partition(instance_environment: None, 
     (compose_dir / "dagster.yaml").write_text(compose["configs"]["dagster-instance"]["content"])
     composed, _ = dagster_instance_config(str(compose_dir))
 
-    expected = [{"key": "kafka/tp", "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]
+    expected = [{"key": PARTITION_SLOT, "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]
     for config in (local, production, composed):
-        assert kafka_tp_limit(dict(config)) == expected
+        assert partition_limit(dict(config)) == expected
         assert config["run_retries"]["enabled"] and config["run_monitoring"]["enabled"]
     # Frames live in the run's memory: a dead run pod must fail (then retry all steps), never resume.
     assert production["run_monitoring"]["max_resume_run_attempts"] == 0
@@ -208,22 +213,22 @@ def test_definitions_load_with_production_settings(production_environment: None)
     assert not settings.clickhouse_is_embedded
     assert settings.kafka_config["security.protocol"] == "SASL_SSL"
 
-    defs = build_definitions(settings)
+    defs = configured_definitions(settings)
 
-    ingest = defs.resolve_job_def(INGEST_JOB_NAME)
-    for job_name in ("request_backfill", "verify_offsets_and_stats"):
+    ingest = defs.resolve_job_def("ingest_clicks")
+    for job_name in ("ingest_api_usage", "request_backfill", "verify_offsets_and_stats"):
         defs.resolve_job_def(job_name)
-    for sensor_name in ("kafka_offsets_sensor", "backfill_sensor"):
+    for sensor_name in ("kafka_offsets_sensor", "api_usage_sensor", "backfill_sensor"):
         defs.resolve_sensor_def(sensor_name)
     defs.resolve_schedule_def("nightly_verification")
     # What a sensor's run request carries is valid run config for the job as deployed.
-    dg.validate_run_config(ingest, range_run_config("ad_clicks", 0, 0, 1_000_000))
+    dg.validate_run_config(ingest, range_run_config(OffsetRange("ad_clicks", 0, 0, 1_000_000)))
 
 
 # Dagster's own snapshot code reads a deprecated schedule property; nothing of the project's.
 @pytest.mark.filterwarnings("ignore:Property `ScheduleDefinition.environment_vars`:DeprecationWarning")
 def test_connections_reach_the_resources_but_not_the_ui(production_environment: None) -> None:
-    defs = build_definitions(load_settings())
+    defs = configured_definitions(load_settings())
     repository = defs.get_repository_def()
 
     # Everything the code location sends to the webserver: jobs, sensors, schedules, resources, assets.
@@ -233,17 +238,17 @@ def test_connections_reach_the_resources_but_not_the_ui(production_environment: 
     configured = {resource.name: resource.configured_values for resource in snapshot.resources}
     assert configured["kafka"]["bootstrap_servers"] == ResourceConfigEnvVarSnap(name="KAFKA_BOOTSTRAP_SERVERS")
     assert configured["kafka"]["extra_config_json"] == ResourceConfigEnvVarSnap(name="CLICKHOUSE_ETL_KAFKA_CONFIG")
-    assert configured["dedup_store"]["redis_url"] == ResourceConfigEnvVarSnap(name="REDIS_URL")
-    assert configured["campaigns"]["postgres_dsn"] == ResourceConfigEnvVarSnap(name="POSTGRES_DSN")
+    assert configured["claims"]["redis_url"] == ResourceConfigEnvVarSnap(name="REDIS_URL")
+    assert configured["postgres"]["postgres_dsn"] == ResourceConfigEnvVarSnap(name="POSTGRES_DSN")
     assert configured["warehouse"]["dsn"] == ResourceConfigEnvVarSnap(name="CLICKHOUSE_DSN")
 
     # At run time the references resolve to the real values; building resources opens no connection.
-    with dg.build_resources({name: defs.resources[name] for name in ("kafka", "dedup_store", "warehouse")}) as res:
-        consumer_config = res.kafka._config()
+    with dg.build_resources({name: defs.resources[name] for name in ("kafka", "claims", "warehouse")}) as res:
+        consumer_config = res.kafka.reader()._config()
         assert consumer_config["security.protocol"] == "SASL_SSL"
         assert consumer_config["sasl.password"] == SECRETS["kafka"]
         assert consumer_config["bootstrap.servers"] == PRODUCTION_ENVIRONMENT["KAFKA_BOOTSTRAP_SERVERS"]
-        assert res.dedup_store.redis_url.startswith("rediss://")
+        assert res.claims.redis_url.startswith("rediss://")
         assert res.warehouse.dsn == PRODUCTION_ENVIRONMENT["CLICKHOUSE_DSN"]
 
 
@@ -254,19 +259,13 @@ def _normalized(statement: str) -> str:
     return re.sub(r"\s*([(),])\s*", r"\1", statement).strip()
 
 
-def test_guides_replicated_tables_are_the_projects_tables() -> None:
+def test_guides_replicated_tables_are_what_the_ddl_command_prints() -> None:
     block = re.search(r"```sql\n(.*?)```", GUIDE.read_text(), re.DOTALL)
     assert block, "the guide's replicated DDL block is missing"
-    guide_statements = [s.strip() for s in block.group(1).split(";") if s.strip()]
-
-    def as_local(statement: str) -> str:
-        """The replicated statement with its cluster parts swapped for the project's local ones."""
-        statement = statement.replace(" ON CLUSTER '{cluster}'", "")
-        statement = re.sub(r"ReplicatedMergeTree\('[^']*', '\{replica\}'\)", "MergeTree", statement)
-        return _normalized(statement.replace("replicated_deduplication_window", "non_replicated_deduplication_window"))
-
-    project = {_normalized(s) for s in clickhouse_ddl("analytics", 10_000) if s.startswith("CREATE")}
-    assert {as_local(s) for s in guide_statements} == project
+    guide_statements = [_normalized(s) for s in block.group(1).split(";\n") if s.strip()]
+    [ad_clicks] = load_pipelines("ad_clicks", environment={})
+    printed = all_statements(ad_clicks.pipeline, ad_clicks.columns, "analytics", 10_000, cluster="{cluster}")
+    assert guide_statements == [_normalized(s) for s in printed]
     assert all("ReplicatedMergeTree" in s for s in guide_statements if " TABLE " in s)
 
 
@@ -297,26 +296,29 @@ def test_guides_run_purge_keeps_the_offset_ledger_whole() -> None:
             run_ids[label] = make_new_run_id()
             instance.add_run(
                 DagsterRun(
-                    job_name=INGEST_JOB_NAME,
+                    job_name="ingest_clicks",
                     run_id=run_ids[label],
                     status=status,
-                    tags=range_tags("ad_clicks", partition, start, end),
+                    tags=range_tags("ad_clicks", OffsetRange("ad_clicks", partition, start, end)),
                 )
             )
         before = datetime.now(UTC) + timedelta(minutes=1)  # every run counts as old
-        planned_ends = {p: entry.planned_end for p, entry in read_ledger(instance, "ad_clicks").items()}
+        planned_ends = {
+            p: entry.planned_end for p, entry in read_ledger(instance, "ingest_clicks", "ad_clicks").items()
+        }
 
-        assert purge_ingest_runs(instance, "ad_clicks", datetime.now(UTC) - timedelta(days=1)) == []
-        dry_run = purge_ingest_runs(instance, "ad_clicks", before)
+        purge = lambda before, delete=False: purge_ingest_runs(instance, "ingest_clicks", "ad_clicks", before, delete)  # noqa: E731
+        assert purge(datetime.now(UTC) - timedelta(days=1)) == []
+        dry_run = purge(before)
         assert len(instance.get_runs()) == len(history)  # a dry run deletes nothing
-        deleted = purge_ingest_runs(instance, "ad_clicks", before, delete=True)
+        deleted = purge(before, delete=True)
 
         assert sorted(deleted) == sorted(dry_run) == sorted(run_ids[k] for k in ("first", "failed attempt", "second"))
-        ledger = read_ledger(instance, "ad_clicks")
+        ledger = read_ledger(instance, "ingest_clicks", "ad_clicks")
         assert [(r.start, r.end) for r in ledger[0].committed] == [(200, 300)]
         assert [(r.start, r.end) for r in ledger[0].in_flight] == [(300, 400)]
         assert ledger[0].gaps() == [] and ledger[0].failed == {}
         # Past a gap nothing is purged, so the gap stays visible.
         assert ledger[1].gaps() == [(50, 60)]
         assert {p: entry.planned_end for p, entry in ledger.items()} == planned_ends
-        assert purge_ingest_runs(instance, "ad_clicks", before) == []
+        assert purge(before) == []

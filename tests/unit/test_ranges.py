@@ -1,4 +1,4 @@
-"""Unit tests of clickhouse_etl.steps.ranges."""
+"""Unit tests of clickhouse_etl.core.ranges."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clickhouse_etl.steps.ranges import OffsetRange, plan_ranges, split_range
+from clickhouse_etl.core.ranges import OffsetRange, plan_ranges, split_range
 
 
 @pytest.mark.parametrize(("start", "end"), [(5, 5), (6, 5), (-1, 3), (-5, -1), (0, 0)])

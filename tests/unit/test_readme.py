@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from clickhouse_etl.settings import Settings, environment_variable
+from clickhouse_etl.core.settings import Settings, environment_variable
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
 

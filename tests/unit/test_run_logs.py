@@ -7,8 +7,10 @@ import json
 import dagster as dg
 import pytest
 
-from clickhouse_etl.jobs import console_logger, range_tags
-from clickhouse_etl.settings import current_settings
+from clickhouse_etl.core.ranges import OffsetRange
+from clickhouse_etl.core.settings import current_settings
+from clickhouse_etl.orchestration.jobs import console_logger
+from clickhouse_etl.orchestration.tags import range_tags
 
 
 @dg.op
@@ -29,7 +31,8 @@ def test_console_logger_format(
     current_settings.cache_clear()
     try:
         result = logging_job.execute_in_process(
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}}, tags=range_tags("t", 0, 0, 10)
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            tags=range_tags("p", OffsetRange("t", 0, 0, 10)),
         )
     finally:
         current_settings.cache_clear()

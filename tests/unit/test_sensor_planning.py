@@ -1,4 +1,5 @@
-"""Unit tests of clickhouse_etl.sensors.plan_tick: pure planning, no Kafka and no Dagster instance."""
+"""Unit tests of clickhouse_etl.core.planning.plan_tick (pure planning, no Kafka and no Dagster instance), and
+of the run requests the sensor makes of its plan."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ import random
 import dagster as dg
 import pytest
 
-from clickhouse_etl.jobs import ingest_clicks
-from clickhouse_etl.sensors import WAITING_KEY, plan_tick
-from clickhouse_etl.settings import CONNECTION_VARIABLES, ENV_PREFIX, load_settings
-from clickhouse_etl.steps.ranges import OffsetRange
+from clickhouse_etl.core.pipeline.loading import load_pipelines
+from clickhouse_etl.core.planning import WAITING_KEY, plan_tick
+from clickhouse_etl.core.ranges import OffsetRange
+from clickhouse_etl.core.settings import CONNECTION_VARIABLES, ENV_PREFIX, load_settings
+from clickhouse_etl.orchestration.jobs import build_ingest_job
+from clickhouse_etl.orchestration.resources import resources_from_settings
+from clickhouse_etl.orchestration.sensors import range_run_request
 
 TOPIC = "ad_clicks"
 NOW = 1_700_000_000.0
+PIPELINE = load_pipelines("ad_clicks", environment={})[0].pipeline
+INGEST_JOB = build_ingest_job(PIPELINE, resources_from_settings(load_settings()))
 
 
 @pytest.fixture(autouse=True)
@@ -30,8 +36,10 @@ def make_settings(max_records: int = 10, wait: float = 5.0, start_position: str 
     return load_settings(max_records_per_run=max_records, max_batch_wait_seconds=wait, start_position=start_position)
 
 
-def tick(cursor, watermarks, settings, now=NOW, failed=None, ledger_ends=None, topic=TOPIC):
-    return plan_tick(cursor, topic, watermarks, failed or {}, ledger_ends or {}, settings, now)
+def tick(cursor, watermarks, settings, now=NOW, failed=None, ledger_ends=None, topic=TOPIC, busy=frozenset()):
+    """The plan as the sensor submits it: run requests, the new cursor, the lag."""
+    plan = plan_tick(cursor, topic, watermarks, failed or {}, ledger_ends or {}, settings, now, busy=busy)
+    return [range_run_request(PIPELINE, run) for run in plan.runs], plan.cursor, plan.lag
 
 
 def planned(requests) -> list[tuple[int, int, int]]:
@@ -80,24 +88,24 @@ def test_ranges_are_chunked_with_run_keys_tags_and_valid_run_config():
         "ad_clicks:3:130-135",
     ]
     for request, (start, end) in zip(requests, [(100, 110), (110, 120), (120, 130), (130, 135)], strict=True):
+        assert request.job_name == "ingest_clicks"
         assert request.tags == {
+            "etl/pipeline": "ad_clicks",
             "kafka/topic": "ad_clicks",
             "kafka/partition": "3",
-            "kafka/tp": "ad_clicks:3",
             "kafka/start": str(start),
             "kafka/end": str(end),
+            ".dagster/etl_partition_slot": "ad_clicks:ad_clicks:3",
         }
-        for op in ("read", "load"):
-            config = request.run_config["ops"][op]["config"]
-            assert config == {"topic": "ad_clicks", "partition": 3, "start": start, "end": end, "force": False}
-        validated = dg.validate_run_config(ingest_clicks, request.run_config)
+        config = request.run_config["ops"]["read"]["config"]
+        assert config == {"topic": "ad_clicks", "partition": 3, "start": start, "end": end, "force": False}
+        validated = dg.validate_run_config(INGEST_JOB, request.run_config)
         assert validated["ops"]["read"]["config"]["start"] == start
-        assert validated["ops"]["load"]["config"]["end"] == end
 
 
 def test_invalid_run_config_is_rejected_by_the_job():
     with pytest.raises(dg.DagsterInvalidConfigError):
-        dg.validate_run_config(ingest_clicks, {"ops": {"read": {"config": {"topic": "t"}}}})
+        dg.validate_run_config(INGEST_JOB, {"ops": {"read": {"config": {"topic": "t"}}}})
 
 
 def test_young_small_tail_waits_and_records_when_it_was_first_seen():
@@ -171,7 +179,7 @@ def test_failed_ranges_are_requested_again_with_a_new_run_key():
     assert [r.run_key for r in requests] == ["ad_clicks:0:0-10:retry-1", "ad_clicks:1:10-20:retry-4"]
     assert planned(requests) == [(0, 0, 10), (1, 10, 20)]
     for request in requests:
-        dg.validate_run_config(ingest_clicks, request.run_config)
+        dg.validate_run_config(INGEST_JOB, request.run_config)
     assert new_cursor[TOPIC] == {"0": 50, "1": 50}  # retries do not move the cursor
 
     # as long as they stay failed they are requested on every tick, next to new ranges
@@ -258,11 +266,9 @@ def test_simulated_ticks_cover_every_offset_exactly_once(seed):
 def test_a_busy_partition_accumulates_into_one_larger_range():
     settings = make_settings(max_records=100, wait=0.0)
     cursor = {TOPIC: {"0": 10, "1": 10}}
-    requests, cursor, lag = plan_tick(
-        cursor, TOPIC, {0: (0, 30), 1: (0, 30)}, {}, {}, settings, NOW, busy=frozenset({0})
-    )
+    requests, cursor, lag = tick(cursor, {0: (0, 30), 1: (0, 30)}, settings, busy=frozenset({0}))
     assert planned(requests) == [(1, 10, 30)]  # partition 0 waits for its run to end
     assert cursor[TOPIC] == {"0": 10, "1": 30}
     assert lag == {0: 20, 1: 20}
-    requests, cursor, _ = plan_tick(cursor, TOPIC, {0: (0, 70), 1: (0, 30)}, {}, {}, settings, NOW + 5)
+    requests, cursor, _ = tick(cursor, {0: (0, 70), 1: (0, 30)}, settings, now=NOW + 5)
     assert planned(requests) == [(0, 10, 70)]  # one range for everything that accumulated

@@ -1,4 +1,6 @@
-"""Unit tests of clickhouse_etl.settings (environment handled with monkeypatch; nothing is connected)."""
+"""Unit tests of clickhouse_etl.core.settings (environment handled with monkeypatch; nothing is connected).
+
+What a pipeline does (topic, dedup TTL, filters, policies) is its file's: see test_pipeline_files.py."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from clickhouse_etl.demo_data import EventShares
-from clickhouse_etl.settings import CONNECTION_VARIABLES, ENV_PREFIX, Settings, SettingsError, load_settings
+from clickhouse_etl.core.settings import CONNECTION_VARIABLES, ENV_PREFIX, Settings, SettingsError, load_settings
+from clickhouse_etl.dev.demo_data import EventShares
 
 
 @pytest.fixture(autouse=True)
@@ -24,14 +26,12 @@ def clean_environment(monkeypatch, tmp_path):
 def test_defaults(clean_environment):
     settings = load_settings()
     assert isinstance(settings, Settings)
-    assert settings.topic == "ad_clicks"
+    assert settings.pipelines == "ad_clicks"
     assert settings.redis_url == "redis://127.0.0.1:6379/0"
     assert settings.kafka_bootstrap_servers == "127.0.0.1:9092"
     assert settings.postgres_dsn.startswith("postgresql://")
-    assert settings.filter_cidrs == ["192.168.1.0/24"]
-    assert settings.missing_campaign_policy == "keep"
     assert settings.start_position == "earliest"
-    assert settings.dedup_ttl_seconds == 86_400
+    assert settings.max_records_per_run == 1_000_000
     data_dir = (Path(clean_environment) / ".data").resolve()
     assert settings.data_dir == data_dir
     assert settings.clickhouse_dsn == f"chdb://{data_dir / 'clickhouse'}"
@@ -54,30 +54,13 @@ def test_explicit_clickhouse_dsn_is_kept(monkeypatch):
 
 
 def test_prefixed_variables_are_read(monkeypatch):
-    monkeypatch.setenv("CLICKHOUSE_ETL_TOPIC", "clicks.v2")
-    monkeypatch.setenv("CLICKHOUSE_ETL_DEDUP_TTL_SECONDS", "3600")
-    monkeypatch.setenv("CLICKHOUSE_ETL_MISSING_CAMPAIGN_POLICY", "dead_letter")
+    monkeypatch.setenv("CLICKHOUSE_ETL_PIPELINES", "ad_clicks,api_usage")
     monkeypatch.setenv("CLICKHOUSE_ETL_MAX_BATCH_WAIT_SECONDS", "0.5")
+    monkeypatch.setenv("CLICKHOUSE_ETL_CATCH_UP_WORKERS", "3")
     settings = load_settings()
-    assert settings.topic == "clicks.v2"
-    assert settings.dedup_ttl_seconds == 3600
-    assert settings.missing_campaign_policy == "dead_letter"
+    assert settings.pipelines == "ad_clicks,api_usage"
     assert settings.max_batch_wait_seconds == 0.5
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("10.0.0.0/8,2001:db8::/32", ["10.0.0.0/8", "2001:db8::/32"]),
-        (" 10.0.0.0/8 , 192.168.1.0/24 ,", ["10.0.0.0/8", "192.168.1.0/24"]),
-        ('["10.0.0.0/8", "2001:db8::/32"]', ["10.0.0.0/8", "2001:db8::/32"]),
-        ("[]", []),
-        ("", []),
-    ],
-)
-def test_filter_cidrs_from_the_environment(monkeypatch, value, expected):
-    monkeypatch.setenv("CLICKHOUSE_ETL_FILTER_CIDRS", value)
-    assert load_settings().filter_cidrs == expected
+    assert settings.catch_up_workers == 3
 
 
 def test_connection_variables_are_read_without_prefix(monkeypatch):
@@ -93,8 +76,8 @@ def test_connection_variables_are_read_without_prefix(monkeypatch):
 
 
 def test_overrides_win_over_the_environment(monkeypatch):
-    monkeypatch.setenv("CLICKHOUSE_ETL_TOPIC", "from_env")
-    assert load_settings(topic="from_override").topic == "from_override"
+    monkeypatch.setenv("CLICKHOUSE_ETL_PIPELINES", "from_env.yaml")
+    assert load_settings(pipelines="from_override.yaml").pipelines == "from_override.yaml"
 
 
 def test_kafka_config_from_json(monkeypatch):
@@ -103,21 +86,11 @@ def test_kafka_config_from_json(monkeypatch):
 
 
 INVALID = [
-    pytest.param("dedup_ttl_seconds", -1, "CLICKHOUSE_ETL_DEDUP_TTL_SECONDS", "-1", id="negative-ttl"),
-    pytest.param("dedup_ttl_seconds", 0, "CLICKHOUSE_ETL_DEDUP_TTL_SECONDS", "0", id="zero-ttl"),
-    pytest.param("filter_cidrs", ["10.0.0.0/33"], "CLICKHOUSE_ETL_FILTER_CIDRS", "10.0.0.0/33", id="malformed-cidr"),
     pytest.param("redis_url", "http://x", "REDIS_URL", "http://x", id="redis-url"),
     pytest.param("postgres_dsn", "mysql://x", "POSTGRES_DSN", "mysql://x", id="postgres-dsn"),
     pytest.param("clickhouse_dsn", "ftp://x", "CLICKHOUSE_DSN", "ftp://x", id="clickhouse-dsn"),
     pytest.param("kafka_bootstrap_servers", "nohost", "KAFKA_BOOTSTRAP_SERVERS", "nohost", id="bootstrap"),
-    pytest.param(
-        "missing_campaign_policy",
-        "ignore",
-        "CLICKHOUSE_ETL_MISSING_CAMPAIGN_POLICY",
-        "ignore",
-        id="policy",
-    ),
-    pytest.param("topic", "bad topic", "CLICKHOUSE_ETL_TOPIC", "bad topic", id="topic"),
+    pytest.param("log_format", "xml", "CLICKHOUSE_ETL_LOG_FORMAT", "xml", id="log-format"),
     pytest.param(
         "clickhouse_database",
         "x; drop",
@@ -149,21 +122,15 @@ def test_invalid_environment_names_setting_and_variable(monkeypatch, field, valu
 
 def test_several_problems_are_all_reported(monkeypatch):
     monkeypatch.setenv("REDIS_URL", "http://x")
-    monkeypatch.setenv("CLICKHOUSE_ETL_TOPIC", "bad topic")
+    monkeypatch.setenv("CLICKHOUSE_ETL_MAX_RECORDS_PER_RUN", "0")
     with pytest.raises(SettingsError) as raised:
         load_settings()
     assert "REDIS_URL" in str(raised.value)
-    assert "CLICKHOUSE_ETL_TOPIC" in str(raised.value)
+    assert "CLICKHOUSE_ETL_MAX_RECORDS_PER_RUN" in str(raised.value)
 
 
 def test_settings_error_is_a_value_error():
     assert issubclass(SettingsError, ValueError)
-
-
-def test_malformed_json_list_is_a_settings_error(monkeypatch):
-    monkeypatch.setenv("CLICKHOUSE_ETL_FILTER_CIDRS", '["10.0.0.0/8",')
-    with pytest.raises(SettingsError, match="CLICKHOUSE_ETL_FILTER_CIDRS"):
-        load_settings()
 
 
 def test_malformed_json_object_is_a_settings_error(monkeypatch):

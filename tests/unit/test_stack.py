@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from clickhouse_etl import stack
+from clickhouse_etl.dev import stack
 
 
 def test_kafka_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:

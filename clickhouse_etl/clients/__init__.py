@@ -1,0 +1,1 @@
+"""Clients of the real services — Kafka, Redis claims, PostgreSQL snapshots, ClickHouse — without Dagster."""

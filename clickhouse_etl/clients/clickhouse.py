@@ -1,0 +1,93 @@
+"""ClickHouse sessions: embedded chDB (one process at a time) or a server over HTTP(S).
+
+An on-disk chDB directory can be opened by one process at a time, so a session on the embedded store holds
+an exclusive file lock for its whole life and is opened only around the work that needs it. Waiting for
+the lock is bounded by `clickhouse_lock_timeout_seconds`; a server DSN needs no lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+
+class ClickHouseUnavailable(RuntimeError):
+    """ClickHouse could not be reached (or the embedded store stayed held) within the timeout."""
+
+
+@contextmanager
+def _embedded_store_lock(path: Path, timeout: float) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a+") as lock_file:
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            try:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ClickHouseUnavailable(
+                        f"the embedded ClickHouse store {path} stayed held by another process for {timeout:.0f} s"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def _connect(dsn: str, timeout: float, **kwargs: Any) -> Client:
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    while True:
+        try:
+            return clickhouse_connect.get_client(dsn=dsn, **kwargs)
+        except Exception as error:
+            if time.monotonic() >= deadline:
+                raise ClickHouseUnavailable(f"ClickHouse at {_redacted(dsn)} is unavailable: {error}") from error
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _redacted(dsn: str) -> str:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(dsn)
+    if url.password:
+        return dsn.replace(f":{url.password}@", ":***@")
+    return dsn
+
+
+@contextmanager
+def clickhouse_session(dsn: str, timeout: float) -> Iterator[Client]:
+    """A ClickHouse client for the duration of the block; closed (and the embedded store released) after."""
+    if dsn.startswith("chdb://"):
+        path = Path(dsn.removeprefix("chdb://"))
+        path.mkdir(parents=True, exist_ok=True)
+        with _embedded_store_lock(path, timeout):
+            client = _connect(dsn, timeout)
+            try:
+                yield client
+            finally:
+                client.close()
+    else:
+        # clickhouse-connect picks TLS by port (8443/443), not by scheme: an https DSN on another port would
+        # otherwise be spoken to in plain HTTP.
+        secure = dsn.split("://", 1)[0] in ("https", "clickhouses")
+        client = _connect(
+            dsn, timeout, connect_timeout=10, send_receive_timeout=300, **({"secure": True} if secure else {})
+        )
+        try:
+            yield client
+        finally:
+            client.close()

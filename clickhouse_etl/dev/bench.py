@@ -1,0 +1,362 @@
+"""`clickhouse-etl bench`: end-to-end throughput of a pipeline's real job against the local stack, and a
+naive baseline.
+
+A fresh topic gets N generated events of the pipeline's demo data and the claims go to an emptied Redis
+database 15; `catch-up` runs in a child process (so its peak RSS is its own) through the real Dagster job,
+with the pipeline written to a file of its own that reads the fresh topic; the loaded counts are checked
+before any rate is printed. The baseline processes the same messages the way hand-written services do: one
+Redis SET NX and one PostgreSQL lookup per lookup per event, the network rules, and a batched insert.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import dagster as dg
+import orjson
+import psycopg
+import redis
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg import sql
+
+from clickhouse_etl.clients.clickhouse import clickhouse_session
+from clickhouse_etl.core.pipeline.columns import columns_of
+from clickhouse_etl.core.pipeline.loading import write_pipeline_file
+from clickhouse_etl.core.pipeline.model import Lookup, Pipeline
+from clickhouse_etl.core.settings import Settings, settings_environment
+from clickhouse_etl.dev.datasets import dataset_for
+from clickhouse_etl.dev.producing import produce_count
+from clickhouse_etl.orchestration.instance import install_dagster_yaml
+from clickhouse_etl.orchestration.ops import STAGES
+from clickhouse_etl.steps.filtering import NetworkRules
+
+
+class BenchError(RuntimeError):
+    """The benchmark's loaded counts did not match what was produced: no rate is reported."""
+
+
+@dataclass
+class BenchResult:
+    pipeline: str
+    events: int
+    partitions: int
+    seconds: float
+    runs: int
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage, summed over runs
+    dagster_overhead_seconds_per_run: float = 0.0
+    peak_rss_bytes: int = 0
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # catch-up processes and Redis, during catch-up
+    loaded: int = 0
+    baseline_events: int = 0
+    baseline_seconds: float = 0.0
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.seconds
+
+    @property
+    def events_per_cpu_second(self) -> float:
+        return self.events / sum(self.cpu_seconds.values()) if self.cpu_seconds else 0.0
+
+    @property
+    def baseline_events_per_second(self) -> float:
+        return self.baseline_events / self.baseline_seconds if self.baseline_seconds else 0.0
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "pipeline": self.pipeline,
+            "events": self.events,
+            "partitions": self.partitions,
+            "seconds": round(self.seconds, 3),
+            "events_per_second": round(self.events_per_second),
+            "runs": self.runs,
+            "stages": {
+                name: {"seconds": round(sec, 3), "events_per_second": round(self.events / sec) if sec else None}
+                for name, sec in self.stages.items()
+            },
+            "dagster_overhead_seconds_per_run": round(self.dagster_overhead_seconds_per_run, 3),
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "cpu_seconds": {name: round(sec, 2) for name, sec in self.cpu_seconds.items()},
+            "events_per_cpu_second": round(self.events_per_cpu_second),
+            "loaded": self.loaded,
+            "baseline_events": self.baseline_events,
+            "baseline_events_per_second": round(self.baseline_events_per_second),
+            "speedup_vs_baseline": round(self.events_per_second / self.baseline_events_per_second, 1)
+            if self.baseline_seconds
+            else None,
+        }
+
+    def describe(self) -> str:
+        lines = [
+            f"pipeline {self.pipeline}: {self.events} events over {self.partitions} partitions, {self.runs} run(s), loaded {self.loaded}",
+            f"{'stage':<10} {'seconds':>9} {'events/s':>12}",
+        ]
+        for name, sec in self.stages.items():
+            rate = f"{self.events / sec:,.0f}" if sec else "-"
+            lines.append(f"{name:<10} {sec:>9.3f} {rate:>12}")
+        lines += [
+            f"dagster overhead per run: {self.dagster_overhead_seconds_per_run:.2f} s",
+            f"peak RSS of the catch-up process: {self.peak_rss_bytes / 2**20:,.0f} MiB",
+            "CPU seconds: "
+            + ", ".join(f"{name} {sec:.1f}" for name, sec in self.cpu_seconds.items())
+            + f" ({self.events_per_cpu_second:,.0f} events per CPU second)",
+        ]
+        if self.baseline_seconds:
+            lines.append(
+                f"naive per-event baseline: {self.baseline_events_per_second:,.0f} events/s on the first "
+                f"{self.baseline_events} events ({self.events_per_second / self.baseline_events_per_second:.1f}x)"
+            )
+        lines.append(f"end-to-end: {self.events_per_second:.0f} events/s")
+        return "\n".join(lines)
+
+
+def create_topic(settings: Settings, topic: str, partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, **settings.kafka_config})
+    admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic].result(30)
+
+
+@dataclass
+class CatchUpMeasure:
+    seconds: float
+    peak_rss_bytes: int
+    cpu_seconds: dict[str, float]
+
+
+def _cpu_seconds(usage: resource.struct_rusage) -> float:
+    return usage.ru_utime + usage.ru_stime
+
+
+def _redis_cpu_seconds(claims: redis.Redis) -> float | None:
+    """Redis's own CPU time (all its threads); None where INFO is not allowed (a managed Redis, say)."""
+    try:
+        cpu = claims.info("cpu")
+    except redis.ResponseError:
+        return None
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def _catch_up_in_child(settings: Settings, pipeline: Pipeline, dagster_home: str) -> CatchUpMeasure:
+    child_settings = settings.model_copy(
+        update={"pipelines": write_pipeline_file(pipeline, dagster_home), "dagster_home": dagster_home}
+    )
+    # The instance's storage is created before the clock starts: a deployment's catch-up finds it in place
+    # (creating it costs most of a second, once).
+    with dg.DagsterInstance.from_config(install_dagster_yaml(child_settings)):
+        pass
+    env = {**os.environ, **settings_environment(child_settings)}
+    claims = redis.Redis.from_url(settings.redis_url)
+    redis_cpu, children_before = _redis_cpu_seconds(claims), resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    child = subprocess.run(
+        [sys.executable, "-m", "clickhouse_etl.cli", "catch-up"], env=env, capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - started
+    if child.returncode != 0:
+        raise BenchError(f"catch-up failed:\n{child.stderr[-3000:]}")
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # The catch-up process and its workers (it waits for them), and Redis's work on the claims.
+    cpu_seconds = {"catch-up": _cpu_seconds(children_after) - _cpu_seconds(children_before)}
+    redis_cpu_after = _redis_cpu_seconds(claims)
+    if redis_cpu is not None and redis_cpu_after is not None:
+        cpu_seconds["redis"] = redis_cpu_after - redis_cpu
+    return CatchUpMeasure(seconds, children_after.ru_maxrss * 1024, cpu_seconds)
+
+
+def _stage_seconds(dagster_home: str, job_name: str) -> tuple[dict[str, float], int, float]:
+    """Seconds per stage summed over the runs, the number of runs, and the summed run wall time."""
+    totals = dict.fromkeys(STAGES, 0.0)
+    wall = 0.0
+    with dg.DagsterInstance.from_config(dagster_home) as instance:
+        records = instance.get_run_records(
+            filters=dg.RunsFilter(job_name=job_name, statuses=[dg.DagsterRunStatus.SUCCESS])
+        )
+        for record in records:
+            wall += (record.end_time or 0) - (record.start_time or 0)
+            for event in instance.all_logs(record.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_OUTPUT):
+                data = event.dagster_event.step_output_data if event.dagster_event else None
+                if data is not None and event.step_key == "commit":
+                    for name, value in data.metadata["seconds_per_stage"].value.items():  # type: ignore[union-attr]
+                        totals[name] += value
+    return totals, len(records), wall
+
+
+def loaded_counts(settings: Settings, pipeline: Pipeline) -> tuple[int, int]:
+    """Rows of the pipeline's topic in its sink table and in its dead letters."""
+    counts = []
+    with clickhouse_session(settings.clickhouse_dsn, settings.clickhouse_lock_timeout_seconds) as client:
+        for table in (pipeline.sink.table, pipeline.sink.dead_letters):
+            counts.append(
+                client.command(
+                    f"SELECT count() FROM `{settings.clickhouse_database}`.`{table}` WHERE kafka_topic = {{t:String}}",
+                    parameters={"t": pipeline.topic},
+                )
+            )
+    return int(counts[0]), int(counts[1])
+
+
+def naive_baseline(settings: Settings, pipeline: Pipeline, partitions: int, events: int) -> float:
+    """Seconds a per-event service takes for the first `events` messages of the pipeline's topic.
+
+    Per message: JSON decode, a Redis SET NX of the dedup key, one PostgreSQL query per lookup, the network
+    rules; rows are inserted into a scratch ClickHouse table in batches of 10,000. It skips what such a
+    service would hand-code besides (drop_when conditions, computed columns), so it is, if anything, fast.
+    """
+    claims = redis.Redis.from_url(settings.redis_url)
+    database = settings.clickhouse_database
+    table = f"`{database}`.bench_naive_{uuid.uuid4().hex[:8]}"
+    sink_names = columns_of(pipeline).sink_names
+    source_fields = list(pipeline.source.fields)
+    lookups = [(lookup, _lookup_query(lookup)) for lookup in pipeline.enrich]
+    rules = [(rule.field, NetworkRules.parse(rule.cidrs)) for rule in pipeline.filter.drop_networks]
+    names = [*source_fields, *(name for lookup in pipeline.enrich for name in lookup.columns)]
+    names = [name for name in [*names, "kafka_partition", "kafka_offset"] if name in sink_names]
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": "bench-naive",
+            "enable.auto.commit": False,
+            **settings.kafka_config,
+        }
+    )
+    per_partition = events // partitions
+    consumer.assign([TopicPartition(pipeline.topic, p, 0) for p in range(partitions)])
+    started = time.perf_counter()
+    with (
+        psycopg.connect(settings.postgres_dsn) as connection,
+        clickhouse_session(settings.clickhouse_dsn, settings.clickhouse_lock_timeout_seconds) as warehouse,
+    ):
+        warehouse.command(f"CREATE TABLE {table} AS `{database}`.`{pipeline.sink.table}`")
+        rows: list[list[object]] = []
+        seen = 0
+        while seen < per_partition * partitions:
+            message = consumer.poll(5)
+            if message is None:
+                break
+            if message.error():
+                continue
+            seen += 1
+            try:
+                event = orjson.loads(message.value())
+                values = {name: event[name] for name in source_fields}
+            except Exception:
+                continue  # a dead letter in the real pipeline
+            if pipeline.dedup is not None:
+                key = "\x1f".join(str(values[name]) for name in pipeline.dedup.key)
+                position = f"{message.partition()}:{message.offset()}"
+                if not claims.set(
+                    f"bench-naive:{pipeline.topic}:{key}", position, nx=True, ex=pipeline.dedup.ttl_seconds
+                ):
+                    continue
+            for lookup, query in lookups:
+                found = connection.execute(query, [values[k] for k in lookup.join_key]).fetchone()
+                values.update(zip(lookup.columns, found or [None] * len(lookup.columns), strict=True))
+            if any(_blocked(str(values[field]), rule) for field, rule in rules):
+                continue
+            values |= {"kafka_partition": message.partition(), "kafka_offset": message.offset()}
+            rows.append([values[name] for name in names])
+            if len(rows) >= 10_000:
+                warehouse.insert(table, rows, column_names=names)
+                rows = []
+        if rows:
+            warehouse.insert(table, rows, column_names=names)
+        seconds = time.perf_counter() - started
+        warehouse.command(f"DROP TABLE {table}")
+    consumer.close()
+    return seconds
+
+
+def _lookup_query(lookup: Lookup) -> sql.Composed:
+    """One row of a lookup by its key, as a per-event service asks for it."""
+    source = (
+        sql.Identifier(*lookup.table.split("."))
+        if lookup.table
+        else sql.SQL("({}) AS lookup").format(sql.SQL(lookup.query))  # type: ignore[arg-type]
+    )
+    return sql.SQL("SELECT {} FROM {} WHERE {}").format(
+        sql.SQL(", ").join(sql.Identifier(spec.column or name) for name, spec in lookup.columns.items()),
+        source,
+        sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in lookup.key_columns),
+    )
+
+
+def _blocked(address: str, rules: NetworkRules) -> bool:
+    ip = ipaddress.ip_address(address)
+    networks = rules.ipv4 if ip.version == 4 else rules.ipv6
+    return any(ip in network for network in networks)
+
+
+BENCH_REDIS_DB = 15
+
+
+def bench_redis_url(redis_url: str) -> str:
+    """The same Redis, database 15: the bench starts from an empty claim store every time (comparable runs)."""
+    parts = urlsplit(redis_url)
+    return urlunsplit(parts._replace(path=f"/{BENCH_REDIS_DB}"))
+
+
+def with_empty_claim_store(settings: Settings) -> Settings:
+    """The settings with claims in the bench's Redis database, emptied first."""
+    settings = settings.model_copy(update={"redis_url": bench_redis_url(settings.redis_url)})
+    redis.Redis.from_url(settings.redis_url).flushdb(asynchronous=True)  # big after a soak: free in the background
+    return settings
+
+
+def run_bench(
+    settings: Settings,
+    pipeline: Pipeline,
+    events: int,
+    partitions: int,
+    baseline_events: int,
+    say: Callable[[str], None] = print,
+) -> BenchResult:
+    settings = with_empty_claim_store(settings)
+    dataset = dataset_for(pipeline.name)
+    bench_pipeline = pipeline.with_topic(f"bench_{uuid.uuid4().hex[:10]}")
+    create_topic(settings, bench_pipeline.topic, partitions)
+    say(f"producing {events} {pipeline.name} events to {bench_pipeline.topic} ({partitions} partitions)…")
+    generate = dataset.generator(dataset.bench_shares)
+    report = produce_count(settings, bench_pipeline.topic, events, generate, partitions=list(range(partitions)))
+    expected_loaded, expected_dead = dataset.expected(report)
+    with tempfile.TemporaryDirectory(prefix="bench-dagster-", dir=settings.data_dir) as dagster_home:
+        say(f"catching up through {pipeline.job_name}…")
+        measure = _catch_up_in_child(settings, bench_pipeline, dagster_home)
+        stages, runs, wall = _stage_seconds(dagster_home, pipeline.job_name)
+    loaded, dead = loaded_counts(settings, bench_pipeline)
+    if (loaded, dead) != (expected_loaded, expected_dead):
+        raise BenchError(
+            f"loaded {loaded} rows and {dead} dead letters, expected {expected_loaded} and "
+            f"{expected_dead}: no rate reported"
+        )
+    result = BenchResult(
+        pipeline=pipeline.name,
+        events=events,
+        partitions=partitions,
+        seconds=measure.seconds,
+        runs=runs,
+        stages=stages,
+        dagster_overhead_seconds_per_run=(wall - sum(stages.values())) / max(runs, 1),
+        peak_rss_bytes=measure.peak_rss_bytes,
+        cpu_seconds=measure.cpu_seconds,
+        loaded=loaded,
+    )
+    if baseline_events:
+        say(f"naive per-event baseline on the first {baseline_events} events…")
+        result.baseline_events = baseline_events
+        result.baseline_seconds = naive_baseline(settings, bench_pipeline, partitions, baseline_events)
+    return result
+
+
+def print_result(result: BenchResult, as_json: bool) -> None:
+    print(json.dumps(result.as_json()) if as_json else result.describe())

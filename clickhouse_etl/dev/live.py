@@ -1,0 +1,415 @@
+"""`clickhouse-etl freshness` and `clickhouse-etl soak`: a pipeline's sensor under a steady load, measured.
+
+A fresh topic gets a Dagster daemon of its own (its own DAGSTER_HOME, the pipeline written to a file of its
+own that reads the topic, its sensor on) and a producer of the pipeline's demo data at a steady rate. Meanwhile a poller records how far each partition is queryable (the highest offset in
+ClickHouse, or the group offset a run commits after its load) and samples the memory of the daemon's
+long-running processes. Afterwards every message's produce time (its Kafka timestamp) is matched with the
+first poll that saw its offset queryable; the loaded counts must equal what was produced, exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import psutil
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from clickhouse_etl.clients.clickhouse import clickhouse_session
+from clickhouse_etl.core.pipeline.loading import write_pipeline_file
+from clickhouse_etl.core.pipeline.model import Pipeline
+from clickhouse_etl.core.settings import Settings, settings_environment
+from clickhouse_etl.dev.bench import BenchError, create_topic, loaded_counts, with_empty_claim_store
+from clickhouse_etl.dev.datasets import dataset_for
+from clickhouse_etl.dev.producing import produce_steady, topic_partitions
+from clickhouse_etl.orchestration import tags
+from clickhouse_etl.orchestration.instance import export_dagster_home, workspace_file
+from clickhouse_etl.tools.catchup import kafka_reader
+
+MIB = 2**20
+
+
+@dataclass
+class Visibility:
+    """Per partition, the poll times and how many offsets (from 0) were queryable at each."""
+
+    times: dict[int, list[float]] = field(default_factory=dict)
+    queryable_end: dict[int, list[int]] = field(default_factory=dict)
+
+    def record(self, now: float, ends: dict[int, int]) -> None:
+        for partition, end in ends.items():
+            times = self.times.setdefault(partition, [])
+            seen = self.queryable_end.setdefault(partition, [])
+            times.append(now)
+            seen.append(max(end, seen[-1] if seen else 0))  # a replay's commit may point back: keep the furthest
+
+    def latest(self, partition: int) -> int:
+        seen = self.queryable_end.get(partition)
+        return seen[-1] if seen else 0
+
+    def latencies(self, partition: int, offsets: np.ndarray, produced_at: np.ndarray) -> np.ndarray:
+        """Seconds from produce to the first poll that saw each offset queryable; NaN if none did."""
+        times = np.asarray(self.times.get(partition, []), dtype=np.float64)
+        ends = np.asarray(self.queryable_end.get(partition, []), dtype=np.int64)
+        first_poll = np.searchsorted(ends, offsets, side="right")  # first poll whose end is past the offset
+        seen = first_poll < len(ends)
+        result = np.full(len(offsets), np.nan)
+        result[seen] = times[first_poll[seen]] - produced_at[seen]
+        return result
+
+
+@dataclass
+class MemorySamples:
+    """RSS of the daemon and its code server over time (run workers come and go and are left out)."""
+
+    times: list[float] = field(default_factory=list)
+    rss: dict[str, list[int]] = field(default_factory=dict)
+
+    def record(self, now: float, by_role: dict[str, int]) -> None:
+        self.times.append(now)
+        for role, value in by_role.items():
+            self.rss.setdefault(role, []).append(value)
+
+    def growth(self, role: str, after: float) -> tuple[int, int]:
+        """RSS at the first sample after `after` and the highest RSS of the last fifth of the samples."""
+        samples = [v for t, v in zip(self.times, self.rss.get(role, []), strict=False) if t >= after]
+        if not samples:
+            return 0, 0
+        return samples[0], max(samples[-max(1, len(samples) // 5) :])
+
+
+def process_roles(daemon: psutil.Process) -> dict[str, int]:
+    """RSS of the daemon and of its largest code server; run workers are left out.
+
+    The daemon starts a new code server every minute (its workspace reload) and the old one lives on while
+    its run workers finish, so two or three overlap: each is one process to judge, and summing them would
+    read as growth.
+    """
+    by_role: dict[str, int] = {}
+    try:
+        by_role["daemon"] = daemon.memory_info().rss
+        code_servers = [child for child in daemon.children(recursive=True) if " grpc" in " ".join(child.cmdline())]
+        if code_servers:
+            by_role["code server"] = max(child.memory_info().rss for child in code_servers)
+    except psutil.Error:
+        pass  # a process that just ended: the next sample counts again
+    return by_role
+
+
+@dataclass
+class LiveReport:
+    topic: str
+    partitions: int
+    rate: float
+    seconds: float
+    warmup_seconds: float
+    produced: int
+    expected: tuple[int, int]
+    loaded: tuple[int, int]
+    runs: RunTimings
+    latencies: np.ndarray
+    memory: MemorySamples
+    memory_after: float
+    settings: Settings
+
+    @property
+    def counts_match(self) -> bool:
+        return self.loaded == self.expected
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) if len(self.latencies) else float("nan")
+
+    def memory_growth(self) -> dict[str, tuple[int, int]]:
+        return {role: self.memory.growth(role, self.memory_after) for role in sorted(self.memory.rss)}
+
+    def memory_flat(self, tolerance: float = 0.2, slack_bytes: int = 64 * MIB) -> bool:
+        """No long-running process grew by more than `tolerance` (plus a little slack for caches)."""
+        return all(last <= first * (1 + tolerance) + slack_bytes for first, last in self.memory_growth().values())
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "topic": self.topic,
+            "rate": self.rate,
+            "seconds": round(self.seconds, 1),
+            "produced": self.produced,
+            "expected_loaded": self.expected[0],
+            "expected_dead_letters": self.expected[1],
+            "loaded": self.loaded[0],
+            "dead_letters": self.loaded[1],
+            "counts_match": self.counts_match,
+            "runs_succeeded": self.runs.succeeded,
+            "runs_failed": self.runs.failed,
+            "mean_launch_seconds": round(float(np.mean(self.runs.launch_seconds or [0])), 2),
+            "mean_run_seconds": round(float(np.mean(self.runs.run_seconds or [0])), 2),
+            "mean_events_per_run": round(float(np.mean(self.runs.events_per_run or [0]))),
+            "latency_seconds": {
+                "p50": round(self.percentile(50), 2),
+                "p95": round(self.percentile(95), 2),
+                "max": round(float(self.latencies.max()), 2) if len(self.latencies) else None,
+                "events": len(self.latencies),
+            },
+            "rss_bytes": {role: {"first": a, "last": b} for role, (a, b) in self.memory_growth().items()},
+            "memory_flat": self.memory_flat(),
+        }
+
+    def describe(self) -> str:
+        s = self.settings
+        lines = [
+            f"{self.produced:,} events at {self.rate:,.0f} events/s for {self.seconds:.0f} s to {self.topic} "
+            f"({self.partitions} partitions); sensor every {s.sensor_interval_seconds} s, tails flushed after "
+            f"{s.max_batch_wait_seconds} s, at most {s.max_records_per_run:,} records a run",
+            f"runs: {self.runs.succeeded} succeeded, {self.runs.failed} failed; on average "
+            f"{np.mean(self.runs.events_per_run or [0]):,.0f} offsets a run, "
+            f"{np.mean(self.runs.launch_seconds or [0]):.1f} s from request to start, "
+            f"{np.mean(self.runs.run_seconds or [0]):.1f} s from start to end",
+            f"loaded {self.loaded[0]:,} rows and {self.loaded[1]:,} dead letters; expected {self.expected[0]:,} and "
+            f"{self.expected[1]:,}: " + ("exact" if self.counts_match else "MISMATCH"),
+        ]
+        for role, (first, last) in self.memory_growth().items():
+            lines.append(f"memory of the {role}: {first / MIB:,.0f} MiB → {last / MIB:,.0f} MiB")
+        lines.append(
+            f"produce → queryable, {len(self.latencies):,} events after the {self.warmup_seconds:.0f} s warm-up: "
+            f"p50 {self.percentile(50):.2f} s, p95 {self.percentile(95):.2f} s, max {self.latencies.max():.2f} s"
+            if len(self.latencies)
+            else "produce → queryable: no event after the warm-up"
+        )
+        return "\n".join(lines)
+
+
+class Poller(threading.Thread):
+    """Polls queryable offsets every `interval` seconds and the daemon's memory every `memory_interval`."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline, daemon: psutil.Process, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.pipeline, self.root, self.interval = settings, pipeline, daemon, interval
+        self.topic = pipeline.topic
+        self.visibility = Visibility()
+        self.memory = MemorySamples()
+        self.stopped = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        consumer = Consumer(
+            {"bootstrap.servers": self.settings.kafka_bootstrap_servers, "group.id": self.pipeline.consumer_group}
+            | self.settings.kafka_config
+        )
+        partitions = topic_partitions(self.settings, self.topic)
+        next_memory_sample = 0.0
+        try:
+            while not self.stopped.is_set():
+                now = time.time()
+                ends = self._clickhouse_ends()
+                try:
+                    committed = consumer.committed([TopicPartition(self.topic, p) for p in partitions], timeout=10)
+                except KafkaException:  # e.g. the group coordinator moving: ClickHouse alone counts this poll
+                    committed = []
+                for position in committed:
+                    ends[position.partition] = max(ends.get(position.partition, 0), position.offset)
+                self.visibility.record(now, {p: ends.get(p, 0) for p in partitions})
+                if now >= next_memory_sample:
+                    self.memory.record(now, process_roles(self.root))
+                    next_memory_sample = now + 5.0
+                self.stopped.wait(max(0.0, now + self.interval - time.time()))
+        except BaseException as error:  # reported by the main thread
+            self.error = error
+        finally:
+            consumer.close()
+
+    def _clickhouse_ends(self) -> dict[int, int]:
+        database = self.settings.clickhouse_database
+        union = " UNION ALL ".join(
+            f"SELECT kafka_partition, max(kafka_offset) + 1 AS end FROM `{database}`.`{table}` "
+            "WHERE kafka_topic = {t:String} GROUP BY kafka_partition"
+            for table in (self.pipeline.sink.table, self.pipeline.sink.dead_letters)
+        )
+        with clickhouse_session(self.settings.clickhouse_dsn, self.settings.clickhouse_lock_timeout_seconds) as client:
+            sql = f"SELECT kafka_partition, max(end) FROM ({union}) GROUP BY kafka_partition"
+            rows = client.query(sql, parameters={"t": self.topic}).result_rows
+        return {int(p): int(end) for p, end in rows}
+
+
+def start_daemon(settings: Settings, log_path: Path) -> subprocess.Popen:
+    """`dagster-daemon run` with the sensor on, in a process group of its own (so it stops as a whole)."""
+    daemon_command = Path(sys.executable).with_name("dagster-daemon")
+    command = [str(daemon_command) if daemon_command.exists() else "dagster-daemon", "run"]
+    command += ["-w", workspace_file()]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            command,
+            env={**os.environ, **settings_environment(settings)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the process group, SIGKILL what is left after `grace`; return once every member is gone."""
+    group = process.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _group_alive(group, process):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+            deadline = float("inf")
+        time.sleep(0.1)
+
+
+def _group_alive(group: int, leader: subprocess.Popen) -> bool:
+    leader.poll()  # reap the leader, so it does not linger as a zombie member
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    # Only zombies left (children reaped by nobody yet) count as gone.
+    return any(_live_member(member, group) for member in psutil.process_iter())
+
+
+def _live_member(process: psutil.Process, group: int) -> bool:
+    try:
+        return os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE
+    except (OSError, psutil.Error):
+        return False
+
+
+def produce_times(settings: Settings, topic: str, partition: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets and produce times (Kafka CreateTime, seconds) of [0, end) of one partition."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": f"freshness-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+        | settings.kafka_config
+    )
+    offsets: list[int] = []
+    stamps: list[int] = []
+    try:
+        consumer.assign([TopicPartition(topic, partition, 0)])
+        while len(offsets) < end:
+            batch = consumer.consume(50_000, timeout=5)
+            if not batch:
+                raise BenchError(f"{topic}/{partition}: reading produce times stalled at {len(offsets)} of {end}")
+            messages = [m for m in batch if m.error() is None and m.offset() < end]
+            offsets += [m.offset() for m in messages]
+            stamps += [m.timestamp()[1] for m in messages]
+            if batch[-1].offset() is not None and batch[-1].offset() >= end - 1:
+                break
+    finally:
+        consumer.close()
+    return np.asarray(offsets, dtype=np.int64), np.asarray(stamps, dtype=np.float64) / 1000.0
+
+
+@dataclass
+class RunTimings:
+    succeeded: int = 0
+    failed: int = 0
+    launch_seconds: list[float] = field(default_factory=list)  # requested → started (queue and process start)
+    run_seconds: list[float] = field(default_factory=list)  # started → finished
+    events_per_run: list[int] = field(default_factory=list)
+
+
+def run_timings(dagster_home: str, job_name: str) -> RunTimings:
+    timings = RunTimings()
+    with dg.DagsterInstance.from_config(dagster_home) as instance:
+        for record in instance.get_run_records(dg.RunsFilter(job_name=job_name)):
+            status = record.dagster_run.status
+            timings.succeeded += status == dg.DagsterRunStatus.SUCCESS
+            timings.failed += status == dg.DagsterRunStatus.FAILURE
+            if record.start_time and record.end_time:
+                timings.launch_seconds.append(record.start_time - record.create_timestamp.timestamp())
+                timings.run_seconds.append(record.end_time - record.start_time)
+                run_tags = record.dagster_run.tags
+                timings.events_per_run.append(int(run_tags[tags.END]) - int(run_tags[tags.START]))
+    return timings
+
+
+def run_live(
+    settings: Settings,
+    pipeline: Pipeline,
+    rate: float,
+    seconds: float,
+    warmup: float,
+    poll_interval: float = 0.5,
+    settle_timeout: float = 300.0,
+    say: Callable[[str], None] = print,
+) -> LiveReport:
+    """Steady load through the sensor for `seconds`; latencies of events produced after `warmup`."""
+    settings = with_empty_claim_store(settings)
+    dataset = dataset_for(pipeline.name)
+    pipeline = pipeline.with_topic(f"live_{uuid.uuid4().hex[:10]}")
+    topic = pipeline.topic
+    create_topic(settings, topic, settings.topic_partitions)
+    partitions = list(range(settings.topic_partitions))
+    with tempfile.TemporaryDirectory(prefix="live-dagster-", dir=settings.data_dir) as dagster_home:
+        live_settings = settings.model_copy(
+            update={"pipelines": write_pipeline_file(pipeline, dagster_home), "dagster_home": dagster_home}
+        )
+        export_dagster_home(live_settings)
+        dg.DagsterInstance.from_config(dagster_home).dispose()  # create the storage before processes share it
+        log_path = Path(dagster_home) / "daemon.log"
+        say(f"starting the Dagster daemon for topic {topic} (log: {log_path})…")
+        daemon = start_daemon(live_settings, log_path)
+        poller = Poller(live_settings, pipeline, psutil.Process(daemon.pid), poll_interval)
+        try:
+            poller.start()
+            say(f"producing {rate:,.0f} events/s for {seconds:.0f} s…")
+            started = time.time()
+            generate = dataset.generator(dataset.bench_shares)
+            report = produce_steady(live_settings, topic, rate, seconds, generate, partitions=partitions)
+            highs = {p: high for p, (_low, high) in kafka_reader(settings).watermarks(topic).items()}
+            say("waiting until every produced offset is queryable…")
+            deadline = time.monotonic() + settle_timeout
+            while any(poller.visibility.latest(p) < highs[p] for p in partitions):
+                if poller.error is not None or daemon.poll() is not None or time.monotonic() > deadline:
+                    queryable = [poller.visibility.latest(p) for p in partitions]
+                    raise BenchError(
+                        f"not every offset became queryable ({queryable} of {[highs[p] for p in partitions]}; "
+                        f"poller: {poller.error!r}; daemon log: {log_path})"
+                    )
+                time.sleep(poll_interval)
+        finally:
+            poller.stopped.set()
+            poller.join(30)
+            stop_process_group(daemon)
+        latencies = []
+        for partition in partitions:
+            offsets, produced_at = produce_times(live_settings, topic, partition, highs[partition])
+            after_warmup = produced_at >= started + warmup
+            latencies.append(poller.visibility.latencies(partition, offsets[after_warmup], produced_at[after_warmup]))
+        runs = run_timings(dagster_home, pipeline.job_name)
+    return LiveReport(
+        topic=topic,
+        partitions=len(partitions),
+        rate=rate,
+        seconds=report.seconds,
+        warmup_seconds=warmup,
+        produced=report.produced,
+        expected=dataset.expected(report),
+        loaded=loaded_counts(settings, pipeline),
+        runs=runs,
+        latencies=np.concatenate(latencies) if latencies else np.empty(0),
+        memory=poller.memory,
+        memory_after=started + warmup,
+        settings=live_settings,
+    )
+
+
+def print_report(report: LiveReport, as_json: bool) -> None:
+    print(json.dumps(report.as_json()) if as_json else report.describe())

@@ -1,0 +1,43 @@
+"""The Dagster instance and code location files every Dagster process of clickhouse-etl shares."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from clickhouse_etl.core.settings import Settings
+
+CODE_LOCATION = "clickhouse_etl"  # as named in workspace.yaml
+
+
+def _packaged(name: str) -> Path:
+    return Path(str(resources.files("clickhouse_etl.orchestration") / name))
+
+
+def workspace_file() -> str:
+    """The packaged workspace.yaml: every Dagster process sees the code location under the same name."""
+    return str(_packaged("workspace.yaml"))
+
+
+def install_dagster_yaml(settings: Settings) -> str:
+    """The settings' Dagster home, with the project's dagster.yaml in it.
+
+    The default home under the data folder is the project's own, so its dagster.yaml is kept current; a
+    DAGSTER_HOME chosen by the user gets one only if it has none.
+    """
+    home = Path(settings.dagster_home)
+    home.mkdir(parents=True, exist_ok=True)
+    instance_yaml = home / "dagster.yaml"
+    project_yaml = _packaged("dagster.yaml").read_text()
+    owned = home == settings.data_dir / "dagster"
+    if not instance_yaml.exists() or (owned and instance_yaml.read_text() != project_yaml):
+        instance_yaml.write_text(project_yaml)
+    return str(home)
+
+
+def export_dagster_home(settings: Settings) -> str:
+    """Make DAGSTER_HOME point where the settings say, with the project's dagster.yaml in it."""
+    home = install_dagster_yaml(settings)
+    os.environ["DAGSTER_HOME"] = home
+    return home

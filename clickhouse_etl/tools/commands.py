@@ -1,0 +1,299 @@
+"""The production commands of `clickhouse-etl`: pipelines, catch-up, backfill, offsets, status, query, dev."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+from clickhouse_etl.core.pipeline.loading import LoadedPipeline, PipelineError, load_pipelines, packaged_names
+from clickhouse_etl.core.pipeline.model import Pipeline
+from clickhouse_etl.core.settings import Settings
+
+if TYPE_CHECKING:
+    import dagster as dg
+
+    from clickhouse_etl.core.offsets import PartitionOffsets
+
+# Commands import Dagster, the clients and the steps when they run, not when the command line starts:
+# `--help` and `pipelines validate` answer at once.
+
+
+class UsageError(ValueError):
+    """A command asked for something that does not exist (exit code 2)."""
+
+
+# --- what every command shares -----------------------------------------------------------------------------
+
+
+def configured_pipelines(settings: Settings) -> list[Pipeline]:
+    return [loaded.pipeline for loaded in load_pipelines(settings.pipelines)]
+
+
+def chosen_pipelines(settings: Settings, args: argparse.Namespace, one: bool = False) -> list[Pipeline]:
+    """`--pipeline NAME` (and `--topic T` read by it instead); without a name, every configured pipeline,
+    or — for commands about one pipeline — the only one configured."""
+    pipelines = configured_pipelines(settings)
+    name = getattr(args, "pipeline", None)
+    if name:
+        chosen = [p for p in pipelines if p.name == name]
+        if not chosen:
+            raise UsageError(f"no pipeline {name}; configured: {', '.join(p.name for p in pipelines)}")
+    elif one and len(pipelines) > 1:
+        raise UsageError(f"--pipeline is needed: configured pipelines are {', '.join(p.name for p in pipelines)}")
+    else:
+        chosen = pipelines
+    topic = getattr(args, "topic", None)
+    return [p.with_topic(topic) for p in chosen] if topic else chosen
+
+
+def add_pipeline_options(parser: argparse.ArgumentParser, one: bool = False) -> None:
+    when = "when more than one is configured" if one else "default: every configured pipeline"
+    parser.add_argument("--pipeline", help=f"pipeline name ({when})")
+    parser.add_argument("--topic", help="read this topic instead of the pipeline's")
+
+
+def ensure_pipeline_tables(settings: Settings, pipelines: list[Pipeline]) -> None:
+    """Each pipeline's ClickHouse tables, created or extended; a change needing a migration is refused."""
+    from clickhouse_etl.clients.clickhouse import clickhouse_session
+    from clickhouse_etl.steps.schema import ensure_tables
+
+    with clickhouse_session(settings.clickhouse_dsn, settings.clickhouse_lock_timeout_seconds) as client:
+        for pipeline in pipelines:
+            ensure_tables(client, pipeline, settings.clickhouse_database, settings.clickhouse_dedup_window)
+
+
+def dagster_instance(settings: Settings) -> dg.DagsterInstance:
+    import dagster as dg
+
+    from clickhouse_etl.orchestration.instance import export_dagster_home
+
+    export_dagster_home(settings)
+    return dg.DagsterInstance.get()
+
+
+def offsets_report(settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance) -> list[PartitionOffsets]:
+    from clickhouse_etl.core.offsets import partition_offsets
+    from clickhouse_etl.orchestration import run_records
+    from clickhouse_etl.tools.catchup import kafka_reader
+
+    watermarks = kafka_reader(settings, pipeline).watermarks(pipeline.topic)
+    return partition_offsets(watermarks, run_records.read_ledger(instance, pipeline.job_name, pipeline.topic))
+
+
+# --- commands ----------------------------------------------------------------------------------------------
+
+
+def _pipelines(settings: Settings, args: argparse.Namespace) -> int:
+    spec = args.path or settings.pipelines
+    try:
+        loaded = load_pipelines(spec)
+    except PipelineError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if args.action == "validate":
+        for item in loaded:
+            print(f"{item.source}: {item.pipeline.name}: valid")
+        return 0
+    if args.action == "ddl":
+        from clickhouse_etl.core.pipeline.ddl import all_statements
+
+        for item in loaded:
+            database, window = settings.clickhouse_database, settings.clickhouse_dedup_window
+            for statement in all_statements(item.pipeline, item.columns, database, window, args.on_cluster):
+                print(f"{statement};\n")
+        return 0
+    print(_pipeline_table(loaded))
+    others = [name for name in packaged_names() if name not in {item.pipeline.name for item in loaded}]
+    if others and not args.path:
+        print(
+            f"\npackaged, not configured: {', '.join(others)} (CLICKHOUSE_ETL_PIPELINES={settings.pipelines},{','.join(others)})"
+        )
+    return 0
+
+
+def _pipeline_table(loaded: list[LoadedPipeline]) -> str:
+    rows = [("pipeline", "topic", "job", "sensor", "table", "file")]
+    for item in loaded:
+        p = item.pipeline
+        rows.append((p.name, p.topic, p.job_name, p.sensor_name, p.sink.table, item.source))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def _catch_up(settings: Settings, args: argparse.Namespace) -> int:
+    from clickhouse_etl.tools.catchup import CatchUpError, catch_up
+
+    pipelines = chosen_pipelines(settings, args)
+    ensure_pipeline_tables(settings, pipelines)
+    with dagster_instance(settings) as instance:
+        for pipeline in pipelines:
+            try:
+                report = catch_up(settings, pipeline, instance)
+            except CatchUpError as error:
+                print(f"clickhouse-etl catch-up: {pipeline.name}: {error}", file=sys.stderr)
+                return 1
+            rate = report.events / report.seconds if report.seconds else 0.0
+            print(
+                f"{pipeline.name} caught up: {len(report.ranges)} range(s), {report.events} offsets in "
+                f"{report.seconds:.2f} s ({rate:,.0f} events/s), {len(report.runs)} run(s) recorded in "
+                f"{settings.dagster_home}"
+            )
+    return 0
+
+
+def _backfill(settings: Settings, args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from clickhouse_etl.core.backfill import BackfillError, plan_backfill
+    from clickhouse_etl.orchestration import run_records, tags
+    from clickhouse_etl.orchestration.instance import export_dagster_home, workspace_file
+    from clickhouse_etl.orchestration.jobs import BACKFILL_REQUEST_JOB_NAME
+    from clickhouse_etl.tools.catchup import CatchUpError, ingest_job, kafka_reader, run_ranges
+
+    [pipeline] = chosen_pipelines(settings, args, one=True)
+    export_dagster_home(settings)
+    if args.no_wait:
+        # Hand the request to the Dagster instance: the daemon runs it, and backfill_sensor submits its runs.
+        request = {
+            "pipeline": pipeline.name,
+            "partition": args.partition,
+            "start": args.start,
+            "end": args.end,
+            "force": args.force,
+        }
+        config = {"ops": {"plan_backfill_runs": {"config": request}}}
+        command = ["dagster", "job", "launch", "-w", workspace_file(), "-j", BACKFILL_REQUEST_JOB_NAME]
+        return subprocess.call([*command, "--config-json", json.dumps(config)])
+    ensure_pipeline_tables(settings, [pipeline])
+    with dg.DagsterInstance.get() as instance:
+        committed = run_records.committed_ranges(instance, pipeline.job_name, pipeline.topic, args.partition)
+        try:
+            watermarks = kafka_reader(settings, pipeline).watermarks(pipeline.topic)
+            plan = plan_backfill(
+                pipeline.topic,
+                args.partition,
+                args.start,
+                args.end,
+                args.force,
+                watermarks,
+                committed,
+                settings.max_records_per_run,
+            )
+        except BackfillError as error:
+            print(f"clickhouse-etl backfill: {error}; nothing was started", file=sys.stderr)
+            return 2
+        print(
+            f"backfill {plan.backfill_id} of {pipeline.name}: [{plan.requested.start}, {plan.requested.end}) of "
+            f"{pipeline.topic}/{args.partition} in {len(plan.ranges)} run(s){' (forced)' if plan.force else ''}"
+        )
+        job = ingest_job(settings, pipeline)
+        run_tags = tags.backfill_tags(plan.backfill_id, plan.force)
+        try:
+            report = run_ranges(job, instance, plan.ranges, run_tags, plan.force)
+        except CatchUpError as error:
+            print(f"clickhouse-etl backfill: {error}", file=sys.stderr)
+            return 1
+    print(
+        f"backfill {plan.backfill_id} done: {report.events} offsets in {report.seconds:.2f} s, {len(report.runs)} run(s)"
+    )
+    return 0
+
+
+def _offsets(settings: Settings, args: argparse.Namespace) -> int:
+    from clickhouse_etl.core.offsets import format_offsets
+
+    healthy = True
+    with dagster_instance(settings) as instance:
+        for pipeline in chosen_pipelines(settings, args):
+            report = offsets_report(settings, pipeline, instance)
+            healthy &= all(p.healthy for p in report)
+            print(f"pipeline {pipeline.name}\n{format_offsets(pipeline.topic, report)}")
+    return 0 if healthy else 1
+
+
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    from clickhouse_etl.tools.status import format_status, last_runs, sensor_status
+
+    sections = []
+    with dagster_instance(settings) as instance:
+        for pipeline in chosen_pipelines(settings, args):
+            sensor = sensor_status(instance, pipeline.sensor_name)
+            runs = last_runs(instance, pipeline.job_name, args.runs)
+            sections.append(format_status(pipeline, sensor, runs, offsets_report(settings, pipeline, instance)))
+    print("\n\n".join(sections))
+    return 0
+
+
+def _query(settings: Settings, args: argparse.Namespace) -> int:
+    from clickhouse_etl.tools.query import format_table, run_query
+
+    columns, rows = run_query(settings, args.sql, writable=args.writable)
+    print(format_table(columns, rows))
+    return 0
+
+
+def _dev(settings: Settings, args: argparse.Namespace) -> int:
+    from clickhouse_etl.orchestration.instance import export_dagster_home, workspace_file
+
+    pipelines = configured_pipelines(settings)
+    home = export_dagster_home(settings)
+    ensure_pipeline_tables(settings, pipelines)
+    # Dagster's processes read the same settings: pin the data folder so they find it from any directory.
+    os.environ["CLICKHOUSE_ETL_DATA_DIR"] = str(settings.data_dir)
+    sensors = ", ".join(p.sensor_name for p in pipelines)
+    print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home}); sensors on: {sensors}")
+    command = ["dagster", "dev", "-w", workspace_file(), "-h", args.host, "-p", str(args.port)]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    pipelines = commands.add_parser(
+        "pipelines", help="list the configured pipelines, validate pipeline files, or print their ClickHouse DDL"
+    )
+    pipelines.add_argument("action", choices=["list", "validate", "ddl"])
+    pipelines.add_argument(
+        "path", nargs="?", help="a file, a folder or packaged names (default: CLICKHOUSE_ETL_PIPELINES)"
+    )
+    pipelines.add_argument("--on-cluster", help="ddl: replicated tables, every statement ON CLUSTER this cluster")
+    pipelines.set_defaults(handler=_pipelines)
+
+    catch = commands.add_parser("catch-up", help="process everything available now through the Dagster job(s)")
+    add_pipeline_options(catch)
+    catch.set_defaults(handler=_catch_up)
+
+    backfill = commands.add_parser("backfill", help="re-process an exact offset range through the job")
+    add_pipeline_options(backfill, one=True)
+    backfill.add_argument("--partition", type=int, required=True)
+    backfill.add_argument("--start", type=int, required=True, help="first offset (inclusive)")
+    backfill.add_argument("--end", type=int, required=True, help="end offset (exclusive)")
+    backfill.add_argument("--force", action="store_true", help="replace the range's rows and aggregates")
+    backfill.add_argument("--no-wait", action="store_true", help="hand the backfill to the Dagster daemon")
+    backfill.set_defaults(handler=_backfill)
+
+    offsets = commands.add_parser("offsets", help="where every partition stands; non-zero on a gap or overlap")
+    add_pipeline_options(offsets)
+    offsets.set_defaults(handler=_offsets)
+
+    status = commands.add_parser("status", help="per pipeline: the sensor, the last runs, lag per partition")
+    add_pipeline_options(status)
+    status.add_argument("--runs", type=int, default=10, help="how many recent runs to show (default 10)")
+    status.set_defaults(handler=_status)
+
+    query = commands.add_parser("query", help="run SQL against ClickHouse and print a table")
+    query.add_argument("sql")
+    query.add_argument("--writable", action="store_true", help="allow statements that change data")
+    query.set_defaults(handler=_query)
+
+    dev = commands.add_parser("dev", help="run Dagster (webserver, daemon, sensors) against the settings")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=3000)
+    dev.set_defaults(handler=_dev)
