@@ -22,14 +22,14 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from confluent_kafka.admin import AdminClient, NewTopic
-from integration.conftest import TEST_PORT_OFFSET, TEST_PORTS, fresh_stack
+from integration.conftest import AD_CLICKS, API_USAGE, TEST_PORT_OFFSET, TEST_PORTS, configure, fresh_stack, new_topic
 from integration.helpers import CLI, cli_env, free_port, produce
 from playwright.sync_api import Page, expect, sync_playwright
 
-from clickhouse_etl import demo_data, schemas, stack
-from clickhouse_etl.jobs import INGEST_JOB_NAME
-from clickhouse_etl.settings import Settings
+from clickhouse_etl.core.settings import Settings
+from clickhouse_etl.dev import stack
+from clickhouse_etl.dev.datasets import DATASETS
+from clickhouse_etl.orchestration import tags
 
 from .ui import DagsterUI, IngestedData, saved_screenshots, screenshots_folder
 
@@ -62,19 +62,21 @@ def browser_stack() -> Iterator[Settings]:
     suffix = f"-{TEST_PORT_OFFSET}" if TEST_PORT_OFFSET else ""
     data_dir = Path(tempfile.gettempdir()) / f"clickhouse-etl-browser-tests-{os.getuid()}{suffix}"
     settings = fresh_stack(data_dir, TEST_PORTS)
-    demo_data.seed_campaigns(settings, 100)
+    for dataset in DATASETS.values():
+        dataset.seed_lookup_table(settings, dataset.lookup_rows)
     yield settings
     stack.stack_down(settings, echo=print)
 
 
 @pytest.fixture(scope="module")
 def ingested(browser_stack: Settings) -> IngestedData:
-    """Real events through the real job: `clickhouse-etl catch-up` records every run in the instance."""
-    topic = f"browser_clicks_{uuid.uuid4().hex[:10]}"
-    admin = AdminClient({"bootstrap.servers": browser_stack.kafka_bootstrap_servers})
-    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(30)
-    settings = browser_stack.model_copy(update={"topic": topic, "max_records_per_run": RECORDS_PER_RUN})
-    produce(settings, EVENTS)
+    """Real events of both pipelines through their jobs: `clickhouse-etl catch-up` records every run."""
+    clicks = AD_CLICKS.with_topic(new_topic(browser_stack, "browser_clicks"))
+    usage = API_USAGE.with_topic(new_topic(browser_stack, "browser_usage"))
+    small = browser_stack.model_copy(update={"max_records_per_run": RECORDS_PER_RUN})
+    settings = configure(small, [clicks, usage], browser_stack.data_dir / f"pipelines-{uuid.uuid4().hex[:6]}")
+    produce(settings, clicks, EVENTS)
+    produce(settings, usage, EVENTS // 3)
     # The data folder's own home: the command line keeps the project's dagster.yaml in it.
     dagster_home = settings.data_dir / "dagster"
     caught_up = subprocess.run(
@@ -82,12 +84,12 @@ def ingested(browser_stack: Settings) -> IngestedData:
     )
     assert caught_up.returncode == 0, caught_up.stdout + caught_up.stderr
 
-    enriched_key = dg.AssetKey(["clickhouse", schemas.ENRICHED_TABLE])
+    enriched_key = dg.AssetKey(["clickhouse", clicks.sink.table])
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         # Newest first. A run catch-up had to retry would be recorded too, as failed: ask for successes.
         runs = instance.get_runs(
             filters=dg.RunsFilter(
-                job_name=INGEST_JOB_NAME, tags={"kafka/topic": topic}, statuses=[dg.DagsterRunStatus.SUCCESS]
+                job_name=clicks.job_name, tags={tags.TOPIC: clicks.topic}, statuses=[dg.DagsterRunStatus.SUCCESS]
             )
         )
         assert runs, "catch-up recorded no successful run"

@@ -1,4 +1,5 @@
-"""The Dagster UI over real ingested data: the ingest job, a successful run with its metadata, the asset plots."""
+"""The Dagster UI over real ingested data of two pipelines: a job and a sensor per pipeline, a successful run with
+its metadata (and no bookkeeping tags in the way), the asset plots."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from urllib.parse import quote
 
 from playwright.sync_api import Locator, Page, expect
 
-from clickhouse_etl import schemas
-from clickhouse_etl.jobs import INGEST_JOB_NAME
+INGEST_JOB_NAME = "ingest_clicks"
 
 from .ui import DagsterUI, IngestedData, save_screenshot
 
@@ -37,6 +37,16 @@ def test_job_run_succeeded_with_range_and_counts(
     page = ui_page
     tags = ingested.latest_run_tags
 
+    # A job and a sensor per pipeline.
+    page.goto(f"{dagster_ui.base_url}/overview/jobs")
+    for job in (INGEST_JOB_NAME, "ingest_api_usage", "request_backfill"):
+        expect(page.get_by_text(job, exact=True).first).to_be_visible()
+    save_screenshot(page, screenshots_dir, "00-jobs-per-pipeline")
+    page.goto(f"{dagster_ui.base_url}/overview/automation")
+    for sensor in ("kafka_offsets_sensor", "api_usage_sensor", "backfill_sensor"):
+        expect(page.get_by_text(sensor, exact=True).first).to_be_visible()
+    save_screenshot(page, screenshots_dir, "00-sensors-per-pipeline")
+
     page.goto(f"{dagster_ui.base_url}/locations/{dagster_ui.location_name}/jobs/{INGEST_JOB_NAME}")
     for op in ("read", "dedup_events", "enrich_events", "load", "commit"):
         expect(page.get_by_text(op, exact=True).first).to_be_visible()
@@ -47,8 +57,11 @@ def test_job_run_succeeded_with_range_and_counts(
     run_link = page.locator(f'a[href="/runs/{ingested.latest_run_id}"]').first
     row = page.locator("[data-index]").filter(has=run_link)
     expect(row.get_by_text("Success", exact=True)).to_be_visible()
-    for key in ("kafka/start", "kafka/end", "etl/read", "etl/loaded"):
+    for key in ("etl/pipeline", "kafka/start", "kafka/end", "etl/read", "etl/loaded"):
         expect(row.get_by_text(f"{key}: {tags[key]}", exact=True)).to_be_visible()
+    # Bookkeeping tags (the worker process, the attempt, the concurrency slot) stay out of the runs list.
+    expect(row.get_by_text("etl_pid")).to_have_count(0)
+    expect(row.get_by_text("etl_partition_slot")).to_have_count(0)
     save_screenshot(page, screenshots_dir, "02-runs-ingest_clicks")
 
     run_link.click()
@@ -72,7 +85,7 @@ def test_enriched_asset_plots_its_materialization_metadata(
     ui_page: Page, dagster_ui: DagsterUI, ingested: IngestedData, screenshots_dir: Path
 ) -> None:
     page = ui_page
-    page.goto(f"{dagster_ui.base_url}/assets/clickhouse/{schemas.ENRICHED_TABLE}?view=overview")
+    page.goto(f"{dagster_ui.base_url}/assets/clickhouse/ad_clicks_enriched?view=overview")
     expect(page.get_by_text("Latest materialization")).to_be_visible()
 
     # The metadata table (key, timestamp, value) shows the latest materialization's values ...

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from playwright.sync_api import Page
 
-from clickhouse_etl.settings import Settings
+from clickhouse_etl.core.settings import Settings
 
 SCREENSHOTS_ENV = "TEST_SCREENSHOTS_DIR"
 # Under the project folder (ignored by git), so a run's screenshots are easy to find; the variable moves them.

@@ -83,13 +83,15 @@ def new_topic(settings: Settings, prefix: str) -> str:
     return name
 
 
-def configure(settings: Settings, pipelines: list[Pipeline], folder: Path) -> Settings:
+def configure(settings: Settings, pipelines: list[Pipeline], folder: Path, empty: bool = True) -> Settings:
     """The settings with exactly these pipelines configured (written to files, as child processes read them),
-    their tables emptied and the claims flushed."""
+    their tables created or extended — and, unless `empty` is false, emptied with the claims flushed."""
     folder.mkdir(parents=True, exist_ok=True)
     files = [write_pipeline_file(pipeline, folder) for pipeline in pipelines]
     configured = settings.model_copy(update={"pipelines": ",".join(files)})
     ensure_pipeline_tables(configured, pipelines)
+    if not empty:
+        return configured
     with clickhouse_session(configured.clickhouse_dsn, 60) as client:
         for pipeline in pipelines:
             for table in pipeline.tables[:2] + [a.partials for a in pipeline.aggregate]:

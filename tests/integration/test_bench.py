@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from clickhouse_etl.settings import Settings
+from clickhouse_etl.core.settings import Settings
 
 from .helpers import cli
 
@@ -17,6 +17,7 @@ def test_bench_checks_counts_and_reports_every_figure(settings: Settings) -> Non
     result = cli(settings, "bench", "--events", "20000", "--partitions", "2", "--baseline-events", "2000", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["pipeline"] == "ad_clicks"
     assert figures["events"] == 20_000 and figures["partitions"] == 2
     assert set(figures["stages"]) == {
         "read",

@@ -12,12 +12,13 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from clickhouse_etl import ledger
-from clickhouse_etl.failpoints import FAILPOINT_VARIABLE
-from clickhouse_etl.jobs import INGEST_JOB_NAME
-from clickhouse_etl.live import start_daemon, stop_process_group
-from clickhouse_etl.resources import KafkaSource
-from clickhouse_etl.settings import Settings, export_dagster_home, settings_environment, workspace_file
+from clickhouse_etl.core.failpoints import FAILPOINT_VARIABLE
+from clickhouse_etl.core.pipeline.model import Pipeline
+from clickhouse_etl.core.settings import Settings, settings_environment
+from clickhouse_etl.dev.live import start_daemon, stop_process_group
+from clickhouse_etl.orchestration import run_records, tags
+from clickhouse_etl.orchestration.instance import export_dagster_home, workspace_file
+from clickhouse_etl.tools.catchup import kafka_reader
 
 from .helpers import free_port, produce
 from .test_ingest import assert_matches_reference
@@ -45,14 +46,14 @@ def kill_process_group(process: subprocess.Popen) -> None:
 def runs_reading(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
     """Runs whose worker has started the read step (it records itself there)."""
     started = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
-    return [run for run in started if run.tags.get("etl/worker_run") == run.run_id]
+    return [run for run in started if run.tags.get(tags.WORKER_RUN) == run.run_id]
 
 
-def caught_up(instance: dg.DagsterInstance, settings: Settings, highs: dict[int, int]) -> bool:
-    entries = ledger.read_ledger(instance, settings.topic)
+def caught_up(instance: dg.DagsterInstance, pipeline: Pipeline, highs: dict[int, int]) -> bool:
+    entries = run_records.read_ledger(instance, pipeline.job_name, pipeline.topic)
     in_flight = instance.get_runs_count(
         dg.RunsFilter(
-            job_name=INGEST_JOB_NAME,
+            job_name=pipeline.job_name,
             statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
         )
     )
@@ -62,15 +63,10 @@ def caught_up(instance: dg.DagsterInstance, settings: Settings, highs: dict[int,
 
 
 def test_daemon_and_webserver_killed_with_runs_in_flight_lose_nothing(
-    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    produce(settings, 24_000, seed=41)  # ranges of at most 5,000 offsets: several runs per partition
-    highs = {
-        p: high
-        for p, (_, high) in KafkaSource(bootstrap_servers=settings.kafka_bootstrap_servers)
-        .watermarks(settings.topic)
-        .items()
-    }
+    produce(settings, pipeline, 24_000, seed=41)  # ranges of at most 5,000 offsets: several runs per partition
+    highs = {p: high for p, (_, high) in kafka_reader(settings).watermarks(pipeline.topic).items()}
     home = tmp_path / "dagster"
     daemon_settings = settings.model_copy(update={"dagster_home": str(home)})
     monkeypatch.setenv("DAGSTER_HOME", str(home))
@@ -93,7 +89,7 @@ def test_daemon_and_webserver_killed_with_runs_in_flight_lose_nothing(
             monkeypatch.delenv(FAILPOINT_VARIABLE)
             daemon = start_daemon(daemon_settings, tmp_path / "daemon-restarted.log")
             deadline = time.monotonic() + 300
-            while not caught_up(instance, settings, highs):
+            while not caught_up(instance, pipeline, highs):
                 assert time.monotonic() < deadline, (tmp_path / "daemon-restarted.log").read_text()[-3000:]
                 assert daemon.poll() is None, "the restarted daemon exited"
                 time.sleep(2)
@@ -103,8 +99,8 @@ def test_daemon_and_webserver_killed_with_runs_in_flight_lose_nothing(
                 stop_process_group(webserver)
         for run in left_started:  # each run the kill interrupted was failed, and its range loaded again
             assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
-        for entry in ledger.read_ledger(instance, settings.topic).values():
+        for entry in run_records.read_ledger(instance, pipeline.job_name, pipeline.topic).values():
             assert entry.gaps() == [] and entry.in_flight == []
     # Runs queued behind the killed ones ran first after the restart, so a duplicate may be kept from a later
     # offset of its partition than its first: still exactly one copy of every click.
-    assert_matches_reference(settings, any_copy=True)
+    assert_matches_reference(settings, pipeline, any_copy=True)

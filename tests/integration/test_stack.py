@@ -14,9 +14,10 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from clickhouse_etl import stack
-from clickhouse_etl.clickhouse_store import clickhouse_session
-from clickhouse_etl.settings import Settings
+from clickhouse_etl.clients.clickhouse import clickhouse_session
+from clickhouse_etl.core.processes import process_alive
+from clickhouse_etl.core.settings import Settings
+from clickhouse_etl.dev import stack
 
 from .conftest import fresh_stack, stack_settings
 
@@ -94,7 +95,7 @@ def test_down_stops_what_up_started_and_nothing_else(stack_dir: Path) -> None:
             time.sleep(0.1)
         stack.stack_down(settings, echo=print)
         for pid in started.values():
-            assert not stack.process_alive(pid)
+            assert not process_alive(pid)
         for port in (*ports.values(), ports["kafka"] + 1):
             assert not port_open(port), port
         assert port_open(26380) and foreign.poll() is None
