@@ -80,7 +80,8 @@ class Settings(BaseSettings):
     # --- the pipelines ---
     pipelines: str = Field(
         default=DEFAULT_PIPELINES,
-        description="Pipeline files, folders of them, or packaged pipeline names (ad_clicks, api_usage), comma-separated",
+        description="Pipeline files, folders of them, or packaged pipeline names (ad_clicks, api_usage), "
+        "comma-separated",
     )
     topic_partitions: int = Field(default=3, ge=1, le=1000, description="Partitions of a topic the stack creates")
     start_position: str = Field(

@@ -103,7 +103,8 @@ class BenchResult:
 
     def describe(self) -> str:
         lines = [
-            f"pipeline {self.pipeline}: {self.events} events over {self.partitions} partitions, {self.runs} run(s), loaded {self.loaded}",
+            f"pipeline {self.pipeline}: {self.events} events over {self.partitions} partitions, {self.runs} run(s), "
+            f"loaded {self.loaded}",
             f"{'stage':<10} {'seconds':>9} {'events/s':>12}",
         ]
         for name, sec in self.stages.items():

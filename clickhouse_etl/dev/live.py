@@ -1,10 +1,11 @@
 """`clickhouse-etl freshness` and `clickhouse-etl soak`: a pipeline's sensor under a steady load, measured.
 
 A fresh topic gets a Dagster daemon of its own (its own DAGSTER_HOME, the pipeline written to a file of its
-own that reads the topic, its sensor on) and a producer of the pipeline's demo data at a steady rate. Meanwhile a poller records how far each partition is queryable (the highest offset in
-ClickHouse, or the group offset a run commits after its load) and samples the memory of the daemon's
-long-running processes. Afterwards every message's produce time (its Kafka timestamp) is matched with the
-first poll that saw its offset queryable; the loaded counts must equal what was produced, exactly.
+own that reads the topic, its sensor on) and a producer of the pipeline's demo data at a steady rate.
+Meanwhile a poller records how far each partition is queryable (the highest offset in ClickHouse, or the
+group offset a run commits after its load) and samples the memory of the daemon's long-running processes.
+Afterwards every message's produce time (its Kafka timestamp) is matched with the first poll that saw its
+offset queryable; the loaded counts must equal what was produced, exactly.
 """
 
 from __future__ import annotations

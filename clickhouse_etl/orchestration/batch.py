@@ -43,4 +43,4 @@ class Batch:
         self.partials = {}
 
     def with_dead_letters(self, rows: pl.DataFrame) -> tuple[pl.DataFrame, ...]:
-        return self.dead_letters + (rows,) if rows.height else self.dead_letters
+        return (*self.dead_letters, rows) if rows.height else self.dead_letters

@@ -18,7 +18,8 @@ _applied: set[tuple[str, str]] = set()
 def existing_tables(client: Client, database: str, names: list[str]) -> dict[str, ExistingTable]:
     """The tables and views of `names` that exist, as the system tables describe them."""
     tables = client.query(
-        "SELECT name, sorting_key, comment FROM system.tables WHERE database = {db:String} AND name IN {names:Array(String)}",
+        "SELECT name, sorting_key, comment FROM system.tables "
+        "WHERE database = {db:String} AND name IN {names:Array(String)}",
         parameters={"db": database, "names": names},
     ).result_rows
     columns = client.query(

@@ -65,7 +65,8 @@ def compare_view(
     }
     between = f"`{window}` BETWEEN {{first:DateTime('UTC')}} AND {{last:DateTime('UTC')}}"
     stats = client.query(
-        f"SELECT `{window}`, {', '.join([*groups, *(f'`{m}`' for m in measures)])} FROM `{database}`.`{view}` WHERE {between}",
+        f"SELECT `{window}`, {', '.join([*groups, *(f'`{m}`' for m in measures)])} "
+        f"FROM `{database}`.`{view}` WHERE {between}",
         parameters=bounds,
     ).result_rows
     direct_measures = []

@@ -110,7 +110,8 @@ def _pipelines(settings: Settings, args: argparse.Namespace) -> int:
     others = [name for name in packaged_names() if name not in {item.pipeline.name for item in loaded}]
     if others and not args.path:
         print(
-            f"\npackaged, not configured: {', '.join(others)} (CLICKHOUSE_ETL_PIPELINES={settings.pipelines},{','.join(others)})"
+            f"\npackaged, not configured: {', '.join(others)} "
+            f"(CLICKHOUSE_ETL_PIPELINES={settings.pipelines},{','.join(others)})"
         )
     return 0
 
@@ -200,7 +201,8 @@ def _backfill(settings: Settings, args: argparse.Namespace) -> int:
             print(f"clickhouse-etl backfill: {error}", file=sys.stderr)
             return 1
     print(
-        f"backfill {plan.backfill_id} done: {report.events} offsets in {report.seconds:.2f} s, {len(report.runs)} run(s)"
+        f"backfill {plan.backfill_id} done: {report.events} offsets in {report.seconds:.2f} s, "
+        f"{len(report.runs)} run(s)"
     )
     return 0
 

@@ -8,9 +8,9 @@ from urllib.parse import quote
 
 from playwright.sync_api import Locator, Page, expect
 
-INGEST_JOB_NAME = "ingest_clicks"
-
 from .ui import DagsterUI, IngestedData, save_screenshot
+
+INGEST_JOB_NAME = "ingest_clicks"
 
 # Pixels of the plotted series (the UI's accent colour, blue-violet) that a line through several points
 # covers at least; axes, grid and labels are grey and a lone point is far smaller.

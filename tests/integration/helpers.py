@@ -70,7 +70,8 @@ def enriched_rows(settings: Settings, pipeline: Pipeline) -> list[tuple]:
 def dead_letter_rows(settings: Settings, pipeline: Pipeline) -> list[tuple]:
     return query(
         settings,
-        f"SELECT kafka_partition, kafka_offset, raw_value, error, failed_at FROM analytics.{pipeline.sink.dead_letters} "
+        "SELECT kafka_partition, kafka_offset, raw_value, error, failed_at "
+        f"FROM analytics.{pipeline.sink.dead_letters} "
         f"WHERE kafka_topic = {{t:String}} ORDER BY kafka_partition, kafka_offset",
         t=pipeline.topic,
     )

@@ -63,7 +63,8 @@ def assert_usage_matches_reference(settings: Settings, pipeline: Pipeline, any_c
         assert (row[9], row[10]) in allowed, (event_id, row[9], row[10])
     dead = query(
         settings,
-        f"SELECT kafka_partition, kafka_offset, raw_value FROM analytics.{dead_letters} WHERE kafka_topic = {{t:String}}",
+        f"SELECT kafka_partition, kafka_offset, raw_value FROM analytics.{dead_letters} "
+        "WHERE kafka_topic = {t:String}",
         t=pipeline.topic,
     )
     assert {(p, o): raw.encode() if isinstance(raw, str) else raw for p, o, raw in dead} == expected.dead_letters

@@ -10,6 +10,7 @@ from decimal import Decimal
 import polars as pl
 import pytest
 
+from clickhouse_etl.core.pipeline.loading import load_pipelines
 from clickhouse_etl.dev.demo_data import (
     LATE_BY_MS,
     UNKNOWN_AD_ID_BASE,
@@ -17,7 +18,6 @@ from clickhouse_etl.dev.demo_data import (
     demo_campaigns,
     generate_events,
 )
-from clickhouse_etl.core.pipeline.loading import load_pipelines
 from clickhouse_etl.steps.decode import RAW_SCHEMA, decode_events
 
 COUNT = 100_000

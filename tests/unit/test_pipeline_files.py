@@ -264,8 +264,8 @@ def test_two_pipelines_may_not_share_a_table_a_job_or_claims(folder: Path) -> No
     write(folder, "two/usage.yaml", USAGE.replace("name: api_usage", "name: api_usage_copy"))
     problems = problems_of("one/usage.yaml,two/usage.yaml")
     assert (
-        "two/usage.yaml: api_usage_copy.sink.table: ClickHouse table usage_events is also used by pipeline api_usage (one/usage.yaml)"
-        in problems
+        "two/usage.yaml: api_usage_copy.sink.table: ClickHouse table usage_events is also used by pipeline "
+        "api_usage (one/usage.yaml)" in problems
     )
     assert any("claims of topic usage under prefix" in p for p in problems) is False  # prefixes differ by name
 

@@ -44,7 +44,8 @@ class FieldType:
             precision, scale = int(match["precision"]), int(match["scale"])
             if not 1 <= precision <= MAX_DECIMAL_PRECISION or scale > precision:
                 raise ValueError(
-                    f"decimal({precision},{scale}): need 1 <= precision <= {MAX_DECIMAL_PRECISION} and scale <= precision"
+                    f"decimal({precision},{scale}): need 1 <= precision <= {MAX_DECIMAL_PRECISION} "
+                    "and scale <= precision"
                 )
             return cls("decimal", precision=precision, scale=scale)
         return cls("timestamp", unit=match["unit"] or "ms")
