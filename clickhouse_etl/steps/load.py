@@ -1,22 +1,30 @@
 """Load: idempotent ClickHouse inserts of one offset range — dead letters, sink rows, aggregate partials.
 
-A range's rows go in per window of at most INSERT_WINDOW offsets, each one insert block carrying the token
-`<topic>/<partition>/<start>-<end>/<table>` of its window, so ClickHouse skips an insert it has seen inside its
-deduplication window. Beyond the window, a unit whose rows are already present is not inserted again (a unit
-is written all at once or not at all). A forced reload first deletes the range's rows and then inserts under
+A range's rows go in per unit: each table's rows per window of at most INSERT_WINDOW offsets (the partials
+as one unit per range). A unit is one insert block carrying the token `<topic>/<partition>/<start>-<end>/<table>`
+of its window, so ClickHouse skips an insert it has seen inside its deduplication window — also the parts
+of a block that a PARTITION BY split, and wrote only some of, before a crash.
+
+After its units, a range records one marker per unit (even an empty one) in the loads table, in one insert.
+A unit with a marker is never written again, however long ago it was loaded: a replay reads the markers of
+its range (one small query) instead of looking for rows in every table. Tables created before markers
+existed are also checked for rows. A forced reload deletes the range's rows and markers, then inserts under
 a token of its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import polars as pl
 from clickhouse_connect.driver.client import Client
 
+from clickhouse_etl.core.pipeline.ddl import COMMENT_KEY, LOADS, MARKED
 from clickhouse_etl.core.ranges import OffsetRange, split_range
 
-# An insert unit: at most this many offsets of a range, written as one block (present whole or not at all).
+# An insert unit: at most this many offsets of a range, written as one block.
 INSERT_WINDOW = 250_000
 # One block per insert: a unit is present completely or not at all, and its token names one block.
 SINGLE_BLOCK = {
@@ -44,6 +52,30 @@ class TableLoad:
     inserted: bool  # False: the range was already present (a replay), nothing written
 
 
+@dataclass(frozen=True)
+class Unit:
+    table: str
+    window: OffsetRange
+    rows: pl.DataFrame
+    partials: bool  # a partials table: its rows carry range_start/range_end instead of offsets
+
+
+def units_of(offset_range: OffsetRange, tables: RangeTables) -> list[Unit]:
+    """Dead letters, then sink rows, per window of offsets; then each aggregate's partials for the range.
+
+    Windows are fixed by offsets, not by rows, so a replay cuts them the same way and finds each one
+    present or absent as a whole; an insert's memory stays bounded whatever the range size.
+    """
+    units = []
+    r = offset_range
+    for table, rows in ((tables.dead_letter_table, tables.dead_letters), (tables.sink_table, tables.rows)):
+        for window in split_range(r.topic, r.partition, r.start, r.end, INSERT_WINDOW):
+            in_window = rows.filter(pl.col("kafka_offset").is_between(window.start, window.end, closed="left"))
+            units.append(Unit(table, window, in_window, partials=False))
+    units += [Unit(table, r, partials, partials=True) for table, partials in tables.partials.items()]
+    return units
+
+
 def _range_condition(offset_range: OffsetRange, partials: bool) -> tuple[str, dict[str, object]]:
     parameters = {
         "topic": offset_range.topic,
@@ -65,14 +97,52 @@ def _range_condition(offset_range: OffsetRange, partials: bool) -> tuple[str, di
     return where, parameters
 
 
-def range_present(client: Client, database: str, table: str, offset_range: OffsetRange, partials: bool = False) -> bool:
-    where, parameters = _range_condition(offset_range, partials)
-    found = client.query(f"SELECT count() FROM `{database}`.`{table}` WHERE {where} LIMIT 1", parameters=parameters)
+def rows_present(client: Client, database: str, unit: Unit) -> bool:
+    where, parameters = _range_condition(unit.window, unit.partials)
+    found = client.query(
+        f"SELECT count() FROM `{database}`.`{unit.table}` WHERE {where} LIMIT 1", parameters=parameters
+    )
     return found.result_rows[0][0] > 0
 
 
-def delete_range(client: Client, database: str, table: str, offset_range: OffsetRange, partials: bool = False) -> None:
-    where, parameters = _range_condition(offset_range, partials)
+def loaded_units(
+    client: Client, database: str, offset_range: OffsetRange, tables: Iterable[str]
+) -> dict[str, list[tuple[int, int]]]:
+    """table → [start, end) of its units with a marker that overlap the range."""
+    markers = client.query(
+        f"SELECT table, range_start, range_end FROM `{database}`.{LOADS.name} "
+        "WHERE kafka_topic = {topic:String} AND kafka_partition = {partition:UInt32} "
+        "AND table IN {tables:Array(String)} AND range_start < {end:UInt64} AND range_end > {start:UInt64}",
+        parameters={
+            "topic": offset_range.topic,
+            "partition": offset_range.partition,
+            "tables": list(tables),
+            "start": offset_range.start,
+            "end": offset_range.end,
+        },
+    ).result_rows
+    found: dict[str, list[tuple[int, int]]] = {}
+    for table, start, end in markers:
+        found.setdefault(table, []).append((start, end))
+    return found
+
+
+_marked: dict[tuple[str, str], bool] = {}
+
+
+def marked_since_created(client: Client, database: str, table: str) -> bool:
+    """Whether every range in the table has its marker (a table created with markers); asked once a process."""
+    key = (database, table)
+    if key not in _marked:
+        comment = client.command(
+            "SELECT comment FROM system.tables WHERE database = {db:String} AND name = {table:String}",
+            parameters={"db": database, "table": table},
+        )
+        _marked[key] = f'"{MARKED}": true' in str(comment) and COMMENT_KEY in str(comment)
+    return _marked[key]
+
+
+def _delete(client: Client, database: str, table: str, where: str, parameters: dict[str, object]) -> None:
     client.command(
         f"ALTER TABLE `{database}`.`{table}` DELETE WHERE {where}",
         parameters=parameters,
@@ -80,51 +150,12 @@ def delete_range(client: Client, database: str, table: str, offset_range: Offset
     )
 
 
-def insert_range(
-    client: Client,
-    database: str,
-    table: str,
-    offset_range: OffsetRange,
-    rows: pl.DataFrame,
-    force_token: str | None = None,
-    partials: bool = False,
-) -> TableLoad:
-    """Insert `rows` of the range unless already present; `force_token` replaces the range's rows instead."""
-    if force_token is not None:
-        delete_range(client, database, table, offset_range, partials)
-    elif range_present(client, database, table, offset_range, partials):
-        return TableLoad(table, rows.height, inserted=False)
-    if rows.is_empty():
-        return TableLoad(table, 0, inserted=False)
-    token = offset_range.insert_token(table, "" if force_token is None else f"/{force_token}")
+def _insert(client: Client, database: str, table: str, rows: pl.DataFrame, token: str) -> None:
     client.insert_arrow(
         f"`{database}`.`{table}`",
         rows.rechunk().to_arrow(),
         settings={"insert_deduplication_token": token, "insert_deduplicate": 1, **SINGLE_BLOCK},
     )
-    return TableLoad(table, rows.height, inserted=True)
-
-
-def insert_by_offset_window(
-    client: Client,
-    database: str,
-    table: str,
-    offset_range: OffsetRange,
-    rows: pl.DataFrame,
-    force_token: str | None = None,
-) -> TableLoad:
-    """Rows of a range inserted per window of at most INSERT_WINDOW offsets, each window as one unit.
-
-    Windows are fixed by offsets, not by rows, so a replay cuts them the same way and finds each one
-    present or absent as a whole; an insert's memory stays bounded whatever the range size.
-    """
-    loads = []
-    for window in split_range(
-        offset_range.topic, offset_range.partition, offset_range.start, offset_range.end, INSERT_WINDOW
-    ):
-        in_window = rows.filter(pl.col("kafka_offset").is_between(window.start, window.end, closed="left"))
-        loads.append(insert_range(client, database, table, window, in_window, force_token))
-    return TableLoad(table, rows.height, inserted=any(load.inserted for load in loads))
 
 
 def load_range(
@@ -134,14 +165,55 @@ def load_range(
     tables: RangeTables,
     force_token: str | None = None,
 ) -> list[TableLoad]:
-    """Dead letters, then the sink rows, then their partial aggregates: every insert idempotent."""
-    loads = [
-        insert_by_offset_window(
-            client, database, tables.dead_letter_table, offset_range, tables.dead_letters, force_token
-        ),
-        insert_by_offset_window(client, database, tables.sink_table, offset_range, tables.rows, force_token),
-    ]
-    for table, partials in tables.partials.items():
-        # Partials belong to the whole range: one insert, present or absent with the range.
-        loads.append(insert_range(client, database, table, offset_range, partials, force_token, partials=True))
-    return loads
+    """Every unit of the range not loaded yet, then their markers; `force_token` replaces the range instead."""
+    units = units_of(offset_range, tables)
+    names = list(dict.fromkeys(unit.table for unit in units))
+    suffix = "" if force_token is None else f"/{force_token}"
+    if force_token is not None:
+        for name in names:
+            where, parameters = _range_condition(offset_range, partials=name in tables.partials)
+            _delete(client, database, name, where, parameters)
+        where, parameters = _range_condition(offset_range, partials=True)
+        _delete(
+            client,
+            database,
+            LOADS.name,
+            f"{where} AND table IN {{tables:Array(String)}}",
+            {**parameters, "tables": names},
+        )
+        markers: dict[str, list[tuple[int, int]]] = {}
+    else:
+        markers = loaded_units(client, database, offset_range, names)
+    inserted: dict[str, bool] = dict.fromkeys(names, False)
+    new_markers = []
+    for unit in units:
+        if force_token is None:
+            overlapping = any(
+                start < unit.window.end and end > unit.window.start for start, end in markers.get(unit.table, [])
+            )
+            if overlapping or (
+                not marked_since_created(client, database, unit.table) and rows_present(client, database, unit)
+            ):
+                continue
+        if not unit.rows.is_empty():
+            _insert(client, database, unit.table, unit.rows, unit.window.insert_token(unit.table, suffix))
+            inserted[unit.table] = True
+        new_markers.append((unit.table, unit.window, unit.rows.height))
+    if new_markers:
+        loaded_at = datetime.now(UTC)
+        rows = pl.DataFrame(
+            {
+                "table": [table for table, _, _ in new_markers],
+                "kafka_topic": [offset_range.topic] * len(new_markers),
+                "kafka_partition": pl.Series([offset_range.partition] * len(new_markers), dtype=pl.UInt32),
+                "range_start": pl.Series([w.start for _, w, _ in new_markers], dtype=pl.UInt64),
+                "range_end": pl.Series([w.end for _, w, _ in new_markers], dtype=pl.UInt64),
+                "rows": pl.Series([n for _, _, n in new_markers], dtype=pl.UInt64),
+                "loaded_at": pl.Series([loaded_at] * len(new_markers), dtype=pl.Datetime("ms", "UTC")),
+            }
+        )
+        _insert(client, database, LOADS.name, rows, offset_range.insert_token(LOADS.name, suffix))
+    sizes = {name: 0 for name in names}
+    for unit in units:
+        sizes[unit.table] += unit.rows.height
+    return [TableLoad(name, sizes[name], inserted[name]) for name in names]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from clickhouse_connect.driver.client import Client
 
 from clickhouse_etl.core.pipeline.columns import columns_of
-from clickhouse_etl.core.pipeline.ddl import ExistingTable, schema_statements
+from clickhouse_etl.core.pipeline.ddl import LOADS, ExistingTable, schema_statements
 from clickhouse_etl.core.pipeline.model import Pipeline
 
 _applied: set[tuple[str, str]] = set()
@@ -47,7 +47,7 @@ def ensure_tables(client: Client, pipeline: Pipeline, database: str, dedup_windo
     if key in _applied:
         return
     columns = columns_of(pipeline)
-    existing = existing_tables(client, database, pipeline.tables)
+    existing = existing_tables(client, database, [LOADS.name, *pipeline.tables])
     database_exists = (
         client.command("SELECT count() FROM system.databases WHERE name = {db:String}", parameters={"db": database})
         == 1

@@ -247,3 +247,30 @@ def test_missing_campaign_policies(
     run_catch_up(policy_settings, policy_pipeline, instance)
     assert_matches_reference(policy_settings, policy_pipeline)
     assert_every_offset_accounted(policy_pipeline, instance, 6_000)
+
+
+def test_a_replayed_range_that_loaded_nothing_stays_empty_after_redis_lost_its_claims(
+    settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance
+) -> None:
+    """Partition 1 holds only re-sends of partition 0's events: its ranges load no row. Once Redis lost every
+    claim, a replay of them would claim those ids afresh — their load markers keep them from loading twice."""
+    from confluent_kafka import Producer
+
+    from clickhouse_etl.dev.demo_data import generate_events
+
+    events = generate_events(2_000, EventShares(duplicate=0.0, malformed=0.0), [0], seed=61)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    for partition in (0, 1):  # partition 0 first: it claims every id
+        for value in events["value"].to_list():
+            producer.produce(pipeline.topic, value, partition=partition)
+        producer.flush(30)
+        report = run_catch_up(settings, pipeline, instance)
+    loaded = enriched_rows(settings, pipeline)
+    assert {row[8] for row in loaded} == {0} and len(loaded) == len({row[0] for row in loaded})
+    import redis
+
+    redis.Redis.from_url(settings.redis_url).flushdb()
+    job = job_of(settings, pipeline)
+    for offset_range in [r for r in report.ranges if r.partition == 1]:
+        assert run_range(job, instance, offset_range).success
+    assert enriched_rows(settings, pipeline) == loaded

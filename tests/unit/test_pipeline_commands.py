@@ -99,7 +99,7 @@ def test_the_ddl_command_prints_every_table_and_view(tmp_path: Path) -> None:
     printed = run(sys.executable, "-m", "clickhouse_etl.cli", "pipelines", "ddl", "api_usage", cwd=tmp_path)
     assert printed.returncode == 0, printed.stderr
     statements = [s for s in printed.stdout.split(";\n") if s.strip()]
-    assert len(statements) == 1 + 3 + 3  # database, dead letters + table + partials, three views
+    assert len(statements) == 1 + 4 + 3  # database; loads, dead letters, table, partials; three views
     assert (
         "PARTITION BY toYYYYMM(event_time)" in printed.stdout and "TTL event_time + INTERVAL 400 DAY" in printed.stdout
     )

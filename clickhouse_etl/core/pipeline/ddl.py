@@ -33,6 +33,7 @@ DEAD_LETTER_COLUMNS = (
 )
 WINDOW_START = {"minute": "toStartOfMinute", "hour": "toStartOfHour", "day": "toStartOfDay"}
 COMMENT_KEY = "clickhouse_etl"
+MARKED = "load_markers"  # in a table's comment: every range in it has a marker in the loads table
 
 
 class SchemaChangeRefused(RuntimeError):
@@ -50,7 +51,7 @@ class TableSpec:
     partition_by: str | None = None
     ttl: str | None = None
     comment: dict[str, object] | None = None
-    kind: str = "sink"  # sink | dead_letter | partials
+    kind: str = "sink"  # sink | dead_letter | partials | loads
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,29 @@ class ExistingTable:
     indexes: frozenset[str] = frozenset()
 
 
+# Which insert units (a table's window of a range) are loaded: one row each, written after the unit.
+LOADS = TableSpec(
+    "clickhouse_etl_loads",
+    [
+        Column("table", pl.String(), low_cardinality=True),
+        Column("kafka_topic", pl.String(), low_cardinality=True),
+        Column("kafka_partition", pl.UInt32()),
+        Column("range_start", pl.UInt64()),
+        Column("range_end", pl.UInt64()),
+        Column("rows", pl.UInt64()),
+        Column("loaded_at", DATETIME_MS),
+    ],
+    ["kafka_topic", "kafka_partition", "table", "range_start"],
+    kind="loads",
+)
+
+
 def _quote(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def table_specs(pipeline: Pipeline, columns: PipelineColumns) -> list[TableSpec]:
+    """The pipeline's tables, and the loads table every pipeline shares."""
     sink = pipeline.sink
     sink_names = columns.sink_names
     # Minmax indexes: per-run checks read only the windows a range touched, and loads find a range's rows
@@ -76,6 +95,7 @@ def table_specs(pipeline: Pipeline, columns: PipelineColumns) -> list[TableSpec]
     if sink.order_by[:3] != ["kafka_topic", "kafka_partition", "kafka_offset"]:
         indexes.append("kafka_offset")
     specs = [
+        LOADS,
         TableSpec(
             sink.dead_letters,
             list(DEAD_LETTER_COLUMNS),
@@ -127,8 +147,9 @@ def create_table(database: str, spec: TableSpec, dedup_window: int, cluster: str
     if spec.ttl:
         clauses.append(f"TTL {spec.ttl}")
     clauses.append(f"SETTINGS {window}")
-    if spec.comment is not None:
-        clauses.append(f"COMMENT {_quote(json.dumps({COMMENT_KEY: spec.comment}, sort_keys=True))}")
+    # A table created here is marked as a whole: every range loaded into it has its marker in the loads table.
+    comment = {**(spec.comment or {}), MARKED: True}
+    clauses.append(f"COMMENT {_quote(json.dumps({COMMENT_KEY: comment}, sort_keys=True))}")
     body = ",\n    ".join(lines)
     name = f"`{database}`.`{spec.name}`{_on_cluster(cluster)}"
     return f"CREATE TABLE IF NOT EXISTS {name} (\n    {body}\n) " + "\n".join(clauses)
@@ -212,6 +233,7 @@ def plan_changes(database: str, spec: TableSpec, existing: ExistingTable) -> lis
         )
     if spec.comment is not None:
         recorded = _comment(existing)
+        marked = recorded.pop(MARKED, False)
         if "dedup_key" in recorded and recorded["dedup_key"] != spec.comment["dedup_key"]:
             refusals.append(
                 f"the dedup key of {spec.name} was {recorded['dedup_key']}, now {spec.comment['dedup_key']}: claims "
@@ -219,7 +241,7 @@ def plan_changes(database: str, spec: TableSpec, existing: ExistingTable) -> lis
                 "again. Restore the key, or write to a new table (sink.table) with a new dedup.key_prefix"
             )
         elif recorded != spec.comment:
-            text = json.dumps({COMMENT_KEY: spec.comment}, sort_keys=True)
+            text = json.dumps({COMMENT_KEY: {**spec.comment, **({MARKED: True} if marked else {})}}, sort_keys=True)
             statements.append(f"ALTER TABLE {table} MODIFY COMMENT {_quote(text)}")
     for name in spec.indexes:
         if f"{name}_minmax" in existing.indexes:
