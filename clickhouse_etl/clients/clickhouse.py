@@ -2,12 +2,16 @@
 
 An on-disk chDB directory can be opened by one process at a time, so a session on the embedded store holds
 an exclusive file lock for its whole life and is opened only around the work that needs it. Waiting for
-the lock is bounded by `clickhouse_lock_timeout_seconds`; a server DSN needs no lock.
+the lock is bounded by `clickhouse_lock_timeout_seconds`, and a wait longer than a few seconds is logged
+with the process holding the lock (logger `clickhouse_etl`, which runs show in their event log); a server
+DSN needs no lock.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +20,11 @@ from typing import Any
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
+
+log = logging.getLogger("clickhouse_etl")
+
+# A load holds the store for a second or two; a wait longer than this is worth a line in the run's log.
+REPORT_WAIT_AFTER_SECONDS = 5.0
 
 
 class ClickHouseUnavailable(RuntimeError):
@@ -27,23 +36,44 @@ def _embedded_store_lock(path: Path, timeout: float) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
     with open(lock_path, "a+") as lock_file:
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        reported = False
         delay = 0.05
         while True:
             try:
                 fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                waited = time.monotonic() - started
+                if waited >= timeout:
                     raise ClickHouseUnavailable(
-                        f"the embedded ClickHouse store {path} stayed held by another process for {timeout:.0f} s"
+                        f"the embedded ClickHouse store {path} stayed held by {_holder(lock_file)} for {timeout:.0f} s"
                     ) from None
+                if not reported and waited >= min(REPORT_WAIT_AFTER_SECONDS, timeout / 2):
+                    log.warning(
+                        "waiting for the embedded ClickHouse store %s, held by %s (giving up after %.0f s)",
+                        path,
+                        _holder(lock_file),
+                        timeout,
+                    )
+                    reported = True
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+        # Whoever waits next can name the holder.
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"pid {os.getpid()}")
+        lock_file.flush()
         try:
             yield
         finally:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+
+def _holder(lock_file: Any) -> str:
+    lock_file.seek(0)
+    last = lock_file.read().strip()
+    return f"another process (last taken by {last})" if last else "another process"
 
 
 def _connect(dsn: str, timeout: float, **kwargs: Any) -> Client:

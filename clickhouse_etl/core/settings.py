@@ -15,7 +15,7 @@ from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         default="text", description="Run logs on stderr: colored text, or JSON lines with run id and range tags"
     )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Run logs from this level on: INFO logs one line per run, DEBUG every event"
+    )
     max_records_per_run: int = Field(default=1_000_000, ge=1, description="Largest offset range one run processes")
     max_batch_wait_seconds: float = Field(
         default=5.0, ge=0, description="A tail smaller than a full range is flushed once it waited this long"
@@ -114,6 +117,26 @@ class Settings(BaseSettings):
     clickhouse_lock_timeout_seconds: float = Field(
         default=300.0, gt=0, description="How long to wait for the embedded ClickHouse store held elsewhere"
     )
+
+    # --- run execution ---
+    run_launcher: Literal["celery", "default"] = Field(
+        default="celery",
+        description="celery: runs go to warm Celery workers; default: Dagster starts a process per run",
+    )
+    celery_broker_url: str = Field(
+        default="", description="Celery broker of the run workers (default: REDIS_URL's server, database 1)"
+    )
+    celery_backend_url: str = Field(
+        default="", description="Celery result backend of the run workers (default: REDIS_URL's server, database 2)"
+    )
+    celery_queue: str = Field(
+        default="dagster",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Queue of the deployment's runs: workers of another deployment on the same broker take none",
+    )
+    # One per partition of the default topic: a run never waits for a free process (its request → start time
+    # is the launch itself), and two cores are oversubscribed only while three runs overlap.
+    workers: int = Field(default=3, ge=1, le=64, description="Run worker processes `worker` and `dev` start")
 
     # --- the local stack ---
     kafka_version: str = Field(default="4.1.1", description="Apache Kafka broker version the stack runs")
@@ -147,6 +170,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"{server!r} is not host:port")
         return value
 
+    @field_validator("celery_broker_url", "celery_backend_url")
+    @classmethod
+    def _check_celery(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("redis", "rediss"):
+            raise ValueError("must be a redis:// or rediss:// URL")
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis(cls, value: str) -> str:
@@ -176,6 +206,11 @@ class Settings(BaseSettings):
             self.clickhouse_dsn = f"chdb://{self.data_dir / 'clickhouse'}"
         if not self.dagster_home:
             self.dagster_home = str(self.data_dir / "dagster")
+        # The run workers' broker and results live in Redis databases of their own, apart from the claims.
+        if not self.celery_broker_url:
+            self.celery_broker_url = _redis_database(self.redis_url, 1)
+        if not self.celery_backend_url:
+            self.celery_backend_url = _redis_database(self.redis_url, 2)
         return self
 
     # --- derived facts other modules need ---
@@ -186,6 +221,17 @@ class Settings(BaseSettings):
     @property
     def chdb_path(self) -> Path:
         return Path(self.clickhouse_dsn.removeprefix("chdb://"))
+
+
+def _redis_database(url: str, database: int) -> str:
+    """The same Redis server, another database; over TLS, with the certificate check Celery insists on naming."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return url
+    query = parts.query
+    if parts.scheme == "rediss" and "ssl_cert_reqs=" not in query:
+        query = "&".join(filter(None, [query, "ssl_cert_reqs=required"]))
+    return urlunsplit(parts._replace(path=f"/{database}", query=query))
 
 
 def environment_variable(field_name: str) -> str:

@@ -7,7 +7,13 @@ import sys
 
 from clickhouse_etl.core.settings import Settings
 from clickhouse_etl.dev.datasets import DATASETS, SHARE_FLAGS, dataset_for
-from clickhouse_etl.tools.commands import UsageError, add_pipeline_options, chosen_pipelines, ensure_pipeline_tables
+from clickhouse_etl.tools.commands import (
+    UsageError,
+    add_pipeline_options,
+    chosen_pipelines,
+    ensure_pipeline_tables,
+    run_workers_line,
+)
 
 # As for the production commands: the stack, the producer and the benchmarks are imported when they run.
 
@@ -24,6 +30,8 @@ def _stack(settings: Settings, args: argparse.Namespace) -> int:
         for status in statuses:
             answer = "answering" if status.answers else "NOT answering"
             print(f"{status.name:<10} {status.address:<45} {answer:<14} {status.detail}")
+        if all(status.answers for status in statuses):
+            print(run_workers_line(settings))
         return 0 if all(status.answers for status in statuses) else 1
     return 0
 

@@ -2,20 +2,19 @@
 
 A fresh topic gets a Dagster daemon of its own (its own DAGSTER_HOME, the pipeline written to a file of its
 own that reads the topic, its sensor on) and a producer of the pipeline's demo data at a steady rate.
-Meanwhile a poller records how far each partition is queryable (the highest offset in ClickHouse, or the
-group offset a run commits after its load) and samples the memory of the daemon's long-running processes.
+Meanwhile a poller records how far each partition is queryable (the highest offset in a ClickHouse server,
+or the group offset a run commits right after its load — the only one read from an embedded store, which
+admits one process at a time) and samples the memory of the long-running processes.
 Afterwards every message's produce time (its Kafka timestamp) is matched with the first poll that saw its
 offset queryable; the loaded counts must equal what was produced, exactly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
+import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,8 +36,10 @@ from clickhouse_etl.dev.bench import BenchError, create_topic, loaded_counts, wi
 from clickhouse_etl.dev.datasets import dataset_for
 from clickhouse_etl.dev.producing import produce_steady, topic_partitions
 from clickhouse_etl.orchestration import tags
-from clickhouse_etl.orchestration.instance import export_dagster_home, workspace_file
+from clickhouse_etl.orchestration.instance import export_dagster_home
 from clickhouse_etl.tools.catchup import kafka_reader
+from clickhouse_etl.tools.commands import daemon_command, worker_command
+from clickhouse_etl.tools.processes import stop_process_group
 
 MIB = 2**20
 
@@ -92,12 +93,12 @@ class MemorySamples:
         return samples[0], max(samples[-max(1, len(samples) // 5) :])
 
 
-def process_roles(daemon: psutil.Process) -> dict[str, int]:
-    """RSS of the daemon and of its largest code server; run workers are left out.
+def process_roles(daemon: psutil.Process, workers: psutil.Process | None = None) -> dict[str, int]:
+    """RSS of the long-running processes: the daemon, its largest code server, the run workers' largest child.
 
     The daemon starts a new code server every minute (its workspace reload) and the old one lives on while
-    its run workers finish, so two or three overlap: each is one process to judge, and summing them would
-    read as growth.
+    its runs finish, so two or three overlap: each is one process to judge, and summing them would read as
+    growth. Processes a default launcher starts per run come and go and are left out.
     """
     by_role: dict[str, int] = {}
     try:
@@ -105,6 +106,10 @@ def process_roles(daemon: psutil.Process) -> dict[str, int]:
         code_servers = [child for child in daemon.children(recursive=True) if " grpc" in " ".join(child.cmdline())]
         if code_servers:
             by_role["code server"] = max(child.memory_info().rss for child in code_servers)
+        if workers is not None:
+            children = workers.children(recursive=True)
+            if children:
+                by_role["run worker"] = max(child.memory_info().rss for child in children)
     except psutil.Error:
         pass  # a process that just ended: the next sample counts again
     return by_role
@@ -154,6 +159,8 @@ class LiveReport:
             "runs_succeeded": self.runs.succeeded,
             "runs_failed": self.runs.failed,
             "mean_launch_seconds": round(float(np.mean(self.runs.launch_seconds or [0])), 2),
+            "p95_launch_seconds": round(float(np.percentile(self.runs.launch_seconds or [0], 95)), 2),
+            "mean_queue_seconds": round(float(np.mean(self.runs.queue_seconds or [0])), 2),
             "mean_run_seconds": round(float(np.mean(self.runs.run_seconds or [0])), 2),
             "mean_events_per_run": round(float(np.mean(self.runs.events_per_run or [0]))),
             "latency_seconds": {
@@ -174,7 +181,9 @@ class LiveReport:
             f"{s.max_batch_wait_seconds} s, at most {s.max_records_per_run:,} records a run",
             f"runs: {self.runs.succeeded} succeeded, {self.runs.failed} failed; on average "
             f"{np.mean(self.runs.events_per_run or [0]):,.0f} offsets a run, "
-            f"{np.mean(self.runs.launch_seconds or [0]):.1f} s from request to start, "
+            f"{np.mean(self.runs.launch_seconds or [0]):.1f} s from request to start "
+            f"(p95 {np.percentile(self.runs.launch_seconds or [0], 95):.1f} s; "
+            f"{np.mean(self.runs.queue_seconds or [0]):.1f} s of it in the run queue), "
             f"{np.mean(self.runs.run_seconds or [0]):.1f} s from start to end",
             f"loaded {self.loaded[0]:,} rows and {self.loaded[1]:,} dead letters; expected {self.expected[0]:,} and "
             f"{self.expected[1]:,}: " + ("exact" if self.counts_match else "MISMATCH"),
@@ -193,9 +202,17 @@ class LiveReport:
 class Poller(threading.Thread):
     """Polls queryable offsets every `interval` seconds and the daemon's memory every `memory_interval`."""
 
-    def __init__(self, settings: Settings, pipeline: Pipeline, daemon: psutil.Process, interval: float) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        daemon: psutil.Process,
+        workers: psutil.Process | None,
+        interval: float,
+    ) -> None:
         super().__init__(daemon=True)
-        self.settings, self.pipeline, self.root, self.interval = settings, pipeline, daemon, interval
+        self.settings, self.pipeline, self.root, self.workers = settings, pipeline, daemon, workers
+        self.interval = interval
         self.topic = pipeline.topic
         self.visibility = Visibility()
         self.memory = MemorySamples()
@@ -212,16 +229,18 @@ class Poller(threading.Thread):
         try:
             while not self.stopped.is_set():
                 now = time.time()
-                ends = self._clickhouse_ends()
+                # An embedded store admits one process at a time: polling it would hold up the loads it
+                # measures. The group offset a run commits right after its load stands in (a little late).
+                ends = {} if self.settings.clickhouse_is_embedded else self._clickhouse_ends()
                 try:
                     committed = consumer.committed([TopicPartition(self.topic, p) for p in partitions], timeout=10)
-                except KafkaException:  # e.g. the group coordinator moving: ClickHouse alone counts this poll
+                except KafkaException:  # e.g. the group coordinator moving: the next poll counts again
                     committed = []
                 for position in committed:
                     ends[position.partition] = max(ends.get(position.partition, 0), position.offset)
                 self.visibility.record(now, {p: ends.get(p, 0) for p in partitions})
                 if now >= next_memory_sample:
-                    self.memory.record(now, process_roles(self.root))
+                    self.memory.record(now, process_roles(self.root, self.workers))
                     next_memory_sample = now + 5.0
                 self.stopped.wait(max(0.0, now + self.interval - time.time()))
         except BaseException as error:  # reported by the main thread
@@ -243,10 +262,22 @@ class Poller(threading.Thread):
 
 
 def start_daemon(settings: Settings, log_path: Path) -> subprocess.Popen:
-    """`dagster-daemon run` with the sensor on, in a process group of its own (so it stops as a whole)."""
-    daemon_command = Path(sys.executable).with_name("dagster-daemon")
-    command = [str(daemon_command) if daemon_command.exists() else "dagster-daemon", "run"]
-    command += ["-w", workspace_file()]
+    """The project's Dagster daemon with the sensor on, in a process group of its own (so it stops as a whole)."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            daemon_command(),
+            env={**os.environ, **settings_environment(settings)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def start_run_workers(settings: Settings, log_path: Path) -> subprocess.Popen | None:
+    """The run workers the settings' launcher sends runs to (none for Dagster's default launcher)."""
+    if settings.run_launcher != "celery":
+        return None
+    command = worker_command(settings, settings.workers, f"live-{uuid.uuid4().hex[:6]}@{socket.gethostname()}")
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             command,
@@ -255,37 +286,6 @@ def start_daemon(settings: Settings, log_path: Path) -> subprocess.Popen:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-
-
-def stop_process_group(process: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM the process group, SIGKILL what is left after `grace`; return once every member is gone."""
-    group = process.pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while _group_alive(group, process):
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL)
-            deadline = float("inf")
-        time.sleep(0.1)
-
-
-def _group_alive(group: int, leader: subprocess.Popen) -> bool:
-    leader.poll()  # reap the leader, so it does not linger as a zombie member
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    # Only zombies left (children reaped by nobody yet) count as gone.
-    return any(_live_member(member, group) for member in psutil.process_iter())
-
-
-def _live_member(process: psutil.Process, group: int) -> bool:
-    try:
-        return os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE
-    except (OSError, psutil.Error):
-        return False
 
 
 def produce_times(settings: Settings, topic: str, partition: int, end: int) -> tuple[np.ndarray, np.ndarray]:
@@ -321,7 +321,8 @@ def produce_times(settings: Settings, topic: str, partition: int, end: int) -> t
 class RunTimings:
     succeeded: int = 0
     failed: int = 0
-    launch_seconds: list[float] = field(default_factory=list)  # requested → started (queue and process start)
+    launch_seconds: list[float] = field(default_factory=list)  # requested → started
+    queue_seconds: list[float] = field(default_factory=list)  # requested → handed to the launcher (the run queue)
     run_seconds: list[float] = field(default_factory=list)  # started → finished
     events_per_run: list[int] = field(default_factory=list)
 
@@ -334,8 +335,12 @@ def run_timings(dagster_home: str, job_name: str) -> RunTimings:
             timings.succeeded += status == dg.DagsterRunStatus.SUCCESS
             timings.failed += status == dg.DagsterRunStatus.FAILURE
             if record.start_time and record.end_time:
-                timings.launch_seconds.append(record.start_time - record.create_timestamp.timestamp())
+                created = record.create_timestamp.timestamp()
+                timings.launch_seconds.append(record.start_time - created)
                 timings.run_seconds.append(record.end_time - record.start_time)
+                starting = instance.all_logs(record.dagster_run.run_id, of_type=dg.DagsterEventType.RUN_STARTING)
+                if starting:
+                    timings.queue_seconds.append(starting[0].timestamp - created)
                 run_tags = record.dagster_run.tags
                 timings.events_per_run.append(int(run_tags[tags.END]) - int(run_tags[tags.START]))
     return timings
@@ -360,14 +365,21 @@ def run_live(
     partitions = list(range(settings.topic_partitions))
     with tempfile.TemporaryDirectory(prefix="live-dagster-", dir=settings.data_dir) as dagster_home:
         live_settings = settings.model_copy(
-            update={"pipelines": write_pipeline_file(pipeline, dagster_home), "dagster_home": dagster_home}
+            update={
+                "pipelines": write_pipeline_file(pipeline, dagster_home),
+                "dagster_home": dagster_home,
+                # Runs of this measurement go to its own workers, whatever else shares the broker.
+                "celery_queue": f"live-{uuid.uuid4().hex[:8]}",
+            }
         )
         export_dagster_home(live_settings)
         dg.DagsterInstance.from_config(dagster_home).dispose()  # create the storage before processes share it
         log_path = Path(dagster_home) / "daemon.log"
         say(f"starting the Dagster daemon for topic {topic} (log: {log_path})…")
         daemon = start_daemon(live_settings, log_path)
-        poller = Poller(live_settings, pipeline, psutil.Process(daemon.pid), poll_interval)
+        workers = start_run_workers(live_settings, log_path.with_name("workers.log"))
+        worker_process = psutil.Process(workers.pid) if workers else None
+        poller = Poller(live_settings, pipeline, psutil.Process(daemon.pid), worker_process, poll_interval)
         try:
             poller.start()
             say(f"producing {rate:,.0f} events/s for {seconds:.0f} s…")
@@ -389,6 +401,8 @@ def run_live(
             poller.stopped.set()
             poller.join(30)
             stop_process_group(daemon)
+            if workers is not None:
+                stop_process_group(workers)
         latencies = []
         for partition in partitions:
             offsets, produced_at = produce_times(live_settings, topic, partition, highs[partition])

@@ -396,26 +396,25 @@ class PostgresService:
         return self.host in LOOPBACK_HOSTS
 
     def answers(self, timeout: float = 2.0) -> bool:
-        import psycopg
-
-        try:
-            with psycopg.connect(self.settings.postgres_dsn, connect_timeout=max(1, int(timeout))) as connection:
-                connection.execute("SELECT 1")
-            return True
-        except Exception:
-            return False
-
-    def _server_answers(self) -> bool:
+        """The server answers (asked through its maintenance database: the DSN's may not exist yet)."""
         import psycopg
 
         try:
             with psycopg.connect(
-                host=self.host, port=self.port, user=self.user, dbname="postgres", connect_timeout=2
+                host=self.host, port=self.port, user=self.user, dbname="postgres", connect_timeout=max(1, int(timeout))
             ) as connection:
                 connection.execute("SELECT 1")
             return True
         except Exception:
             return False
+
+    def detail(self) -> str:
+        """What `stack status` adds when the server answers but the DSN's database is missing."""
+        import psycopg
+
+        with psycopg.connect(host=self.host, port=self.port, user=self.user, dbname="postgres") as connection:
+            found = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone()
+        return "" if found else f"database {self.database} missing (`stack up` creates it)"
 
     def start(self) -> int | None:
         bin_dir = _postgres_bin()
@@ -468,7 +467,7 @@ class PostgresService:
             capture_output=True,
             text=True,
         )
-        if result.returncode != 0 or not _wait_until(self._server_answers, 30):
+        if result.returncode != 0 or not _wait_until(self.answers, 30):
             raise StackError(
                 f"postgres did not start at {self.address}; last lines of {self.log_path}:\n"
                 f"{result.stdout}{result.stderr}\n{log_tail(self.log_path)}"
@@ -558,6 +557,8 @@ def stack_up(settings: Settings, echo: Callable[[str], None] = print) -> None:
     for service in _services(settings):
         if service.answers():
             echo(f"{service.name:<10} {service.address:<28} already answering")
+            if isinstance(service, PostgresService):
+                service.ensure_database()  # a server of an earlier `stack up` may lack this DSN's database
             continue
         if not service.local:
             raise StackError(f"{service.name} at {service.address} does not answer (external service, not started)")
@@ -614,7 +615,9 @@ def stack_status(settings: Settings) -> list[ServiceStatus]:
             if service.name in state
             else ("embedded" if service.name == "clickhouse" else "not managed")
         )
-        statuses.append(ServiceStatus(service.name, service.address, service.answers(), managed))
+        answers = service.answers()
+        detail = (service.detail() if answers and isinstance(service, PostgresService) else "") or managed
+        statuses.append(ServiceStatus(service.name, service.address, answers, detail))
     return statuses
 
 

@@ -20,6 +20,20 @@ def workspace_file() -> str:
     return str(_packaged("workspace.yaml"))
 
 
+# The one line that sends runs to a process per run instead of to the Celery workers.
+DEFAULT_LAUNCHER = "run_launcher: {module: dagster, class: DefaultRunLauncher}"
+
+
+def project_dagster_yaml(settings: Settings) -> str:
+    """The project's dagster.yaml, with Dagster's default run launcher when the settings ask for it."""
+    text = _packaged("dagster.yaml").read_text()
+    if settings.run_launcher == "default":
+        start = text.index("run_launcher:\n")
+        end = text.index("\n\n", start)
+        text = text[:start] + DEFAULT_LAUNCHER + text[end:]
+    return text
+
+
 def install_dagster_yaml(settings: Settings) -> str:
     """The settings' Dagster home, with the project's dagster.yaml in it.
 
@@ -29,15 +43,25 @@ def install_dagster_yaml(settings: Settings) -> str:
     home = Path(settings.dagster_home)
     home.mkdir(parents=True, exist_ok=True)
     instance_yaml = home / "dagster.yaml"
-    project_yaml = _packaged("dagster.yaml").read_text()
+    project_yaml = project_dagster_yaml(settings)
     owned = home == settings.data_dir / "dagster"
     if not instance_yaml.exists() or (owned and instance_yaml.read_text() != project_yaml):
         instance_yaml.write_text(project_yaml)
     return str(home)
 
 
+def instance_environment(settings: Settings) -> dict[str, str]:
+    """What every Dagster process of the deployment needs in its environment to load the instance."""
+    return {
+        "DAGSTER_HOME": settings.dagster_home,
+        "CLICKHOUSE_ETL_CELERY_BROKER_URL": settings.celery_broker_url,
+        "CLICKHOUSE_ETL_CELERY_BACKEND_URL": settings.celery_backend_url,
+        "CLICKHOUSE_ETL_CELERY_QUEUE": settings.celery_queue,
+    }
+
+
 def export_dagster_home(settings: Settings) -> str:
     """Make DAGSTER_HOME point where the settings say, with the project's dagster.yaml in it."""
     home = install_dagster_yaml(settings)
-    os.environ["DAGSTER_HOME"] = home
+    os.environ.update(instance_environment(settings))
     return home

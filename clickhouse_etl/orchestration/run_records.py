@@ -119,24 +119,32 @@ def busy_partitions(instance: dg.DagsterInstance, job_name: str, topic: str) -> 
 def fail_abandoned_runs(
     instance: dg.DagsterInstance, job_name: str, topic: str, echo: Callable[[str], None] = print
 ) -> int:
-    """Mark as failed the runs of this machine whose process is gone (killed mid-run), so they are re-run.
+    """End the runs of this machine whose process is gone (killed mid-run), so their ranges run again.
 
-    Every run records the process that executes it (tags.worker_tags): a catch-up or backfill process, or a
-    run worker the daemon launched. Dagster's default run launcher cannot check a run worker's health, so
-    without this a run whose process was SIGKILLed (with the daemon, say) would stay "in flight" forever.
+    Every run records the process that executes it (tags.worker_tags): a catch-up or backfill process, a
+    run process the default launcher started, or a Celery worker's child. Neither Dagster's default launcher
+    nor a Celery result backend can tell that such a process was SIGKILLed (the task stays STARTED), so
+    without this the run would stay "in flight" forever. A run being canceled whose process is gone was
+    stopped (its task revoked): it counts as canceled; any other as failed.
     """
     host = socket.gethostname()
     abandoned = 0
     for run in instance.get_runs(
         filters=dg.RunsFilter(
             job_name=job_name,
-            statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
+            statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.CANCELING],
             tags={tags.TOPIC: topic, tags.HOST: host},
         )
     ):
         pid = int(run.tags.get(tags.PID, "0"))
-        if run.tags.get(tags.WORKER_RUN) == run.run_id and pid and not process_alive(pid):
+        if run.tags.get(tags.WORKER_RUN) != run.run_id or not pid or process_alive(pid):
+            continue
+        where = f"[{run.tags[tags.START]}, {run.tags[tags.END]})"
+        if run.status == dg.DagsterRunStatus.CANCELING:
+            instance.report_run_canceled(run, message=f"process {pid} that ran it was stopped")
+            echo(f"  run {run.run_id} of {where} was stopped: canceled")
+        else:
             instance.report_run_failed(run, message=f"process {pid} that ran it is gone (killed mid-run)")
-            echo(f"  run {run.run_id} of [{run.tags[tags.START]}, {run.tags[tags.END]}) was abandoned: failed")
-            abandoned += 1
+            echo(f"  run {run.run_id} of {where} was abandoned: failed")
+        abandoned += 1
     return abandoned

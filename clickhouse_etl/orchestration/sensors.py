@@ -15,6 +15,7 @@ from clickhouse_etl.core.ranges import OffsetRange
 from clickhouse_etl.core.settings import Settings
 from clickhouse_etl.orchestration import run_records, tags
 from clickhouse_etl.orchestration.jobs import BACKFILL_REQUEST_JOB_NAME, range_run_config
+from clickhouse_etl.orchestration.launcher import warn_if_runs_wait_without_workers
 from clickhouse_etl.orchestration.resources import KafkaResource
 
 
@@ -55,6 +56,7 @@ def build_offsets_sensor(pipeline: Pipeline, settings: Settings, job: dg.JobDefi
         watermarks = reader.watermarks(topic)
         # Runs a dead process left STARTED on this machine count as failed, so their ranges are requested again.
         run_records.fail_abandoned_runs(context.instance, job_name, topic, context.log.warning)
+        warn_if_runs_wait_without_workers(context.instance, job_name, context.log.warning)
         failed = run_records.failed_for_good(context.instance, job_name, topic)
         ledger_ends: dict[int, int | None] = {}
         if topic not in cursor:  # a fresh (or reset) cursor resumes where recorded runs stopped
@@ -76,7 +78,7 @@ def build_offsets_sensor(pipeline: Pipeline, settings: Settings, job: dg.JobDefi
             start_offsets,
             run_records.busy_partitions(context.instance, job_name, topic),
         )
-        context.log.info(f"lag per partition of {topic}: {plan.lag}; {len(plan.runs)} run(s) requested")
+        context.log.debug(f"lag per partition of {topic}: {plan.lag}; {len(plan.runs)} run(s) requested")
         return dg.SensorResult(
             run_requests=[range_run_request(pipeline, planned) for planned in plan.runs],
             cursor=json.dumps(plan.cursor, sort_keys=True),

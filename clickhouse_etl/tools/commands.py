@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from clickhouse_etl.core.pipeline.loading import LoadedPipeline, PipelineError, load_pipelines, packaged_names
@@ -73,6 +74,17 @@ def dagster_instance(settings: Settings) -> dg.DagsterInstance:
 
     export_dagster_home(settings)
     return dg.DagsterInstance.get()
+
+
+def run_workers_line(settings: Settings) -> str:
+    """Who executes runs: the Celery workers answering on the broker (how many, how busy), or a process each."""
+    if settings.run_launcher != "celery":
+        return "runs: a process each (Dagster's default run launcher)"
+    from clickhouse_etl.orchestration.instance import export_dagster_home
+    from clickhouse_etl.orchestration.launcher import describe_workers, launcher_app
+
+    export_dagster_home(settings)
+    return describe_workers(launcher_app())
 
 
 def offsets_report(settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance) -> list[PartitionOffsets]:
@@ -222,7 +234,7 @@ def _offsets(settings: Settings, args: argparse.Namespace) -> int:
 def _status(settings: Settings, args: argparse.Namespace) -> int:
     from clickhouse_etl.tools.status import format_status, last_runs, sensor_status
 
-    sections = []
+    sections = [run_workers_line(settings)]
     with dagster_instance(settings) as instance:
         for pipeline in chosen_pipelines(settings, args):
             sensor = sensor_status(instance, pipeline.sensor_name)
@@ -240,8 +252,68 @@ def _query(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _dev(settings: Settings, args: argparse.Namespace) -> int:
+def worker_command(settings: Settings, concurrency: int, name: str, verbose: bool = False) -> list[str]:
+    """A Celery worker of `concurrency` warm run processes (see clickhouse_etl.orchestration.workers)."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "--app",
+        "clickhouse_etl.orchestration.workers",
+        "worker",
+        "--queues",
+        settings.celery_queue,
+        "--hostname",
+        name,
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        # A child takes a run when it is free, not while another run keeps it busy.
+        "-O",
+        "fair",
+        "--without-gossip",
+        "--without-mingle",
+        # A child is replaced now and then, so a slow leak in a library never grows for good.
+        "--max-tasks-per-child",
+        "1000",
+        "--loglevel",
+        "INFO" if verbose else "WARNING",
+    ]
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from clickhouse_etl.orchestration.instance import export_dagster_home
+    from clickhouse_etl.orchestration.launcher import worker_name
+
+    if settings.run_launcher != "celery":
+        raise UsageError("CLICKHOUSE_ETL_RUN_LAUNCHER is default: Dagster starts a process per run, not a worker")
+    export_dagster_home(settings)
+    os.environ["CLICKHOUSE_ETL_DATA_DIR"] = str(settings.data_dir)
+    command = worker_command(settings, args.concurrency or settings.workers, args.name or worker_name(0), args.verbose)
+    print(f"run worker {args.name or worker_name(0)}: {args.concurrency or settings.workers} process(es)", flush=True)
+    os.execv(command[0], command)  # this process becomes the worker: signals reach Celery itself
+    return 0
+
+
+def daemon_command(verbose: bool = False) -> list[str]:
+    """The project's Dagster daemon (clickhouse_etl.orchestration.daemon)."""
+    return [sys.executable, "-m", "clickhouse_etl.cli", "daemon", *(["--verbose"] if verbose else [])]
+
+
+def _daemon(settings: Settings, args: argparse.Namespace) -> int:
+    from clickhouse_etl.orchestration.daemon import run_daemon
     from clickhouse_etl.orchestration.instance import export_dagster_home, workspace_file
+
+    export_dagster_home(settings)
+    run_daemon(workspace_file(), settings.sensor_interval_seconds, "debug" if args.verbose else "warning")
+    return 0
+
+
+def _dev(settings: Settings, args: argparse.Namespace) -> int:
+    """The webserver, the daemon and the run workers, stopped together on Ctrl-C."""
+    from clickhouse_etl.orchestration.instance import export_dagster_home, workspace_file
+    from clickhouse_etl.orchestration.launcher import worker_name
 
     pipelines = configured_pipelines(settings)
     home = export_dagster_home(settings)
@@ -250,11 +322,42 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
     os.environ["CLICKHOUSE_ETL_DATA_DIR"] = str(settings.data_dir)
     sensors = ", ".join(p.sensor_name for p in pipelines)
     print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home}); sensors on: {sensors}")
-    command = ["dagster", "dev", "-w", workspace_file(), "-h", args.host, "-p", str(args.port)]
+    level = "debug" if args.verbose else "warning"
+    if args.verbose:
+        os.environ["CLICKHOUSE_ETL_LOG_LEVEL"] = "DEBUG"  # the run workers' runs log every event too
+    webserver = [
+        "dagster-webserver",
+        "-w",
+        workspace_file(),
+        "-h",
+        args.host,
+        "-p",
+        str(args.port),
+        "--log-level",
+        level,
+    ]
+    commands = [webserver, daemon_command(args.verbose)]
+    if settings.run_launcher == "celery":
+        print(f"run workers: {settings.workers} process(es) ({worker_name(0)}); each run logs one line when committed")
+        commands.append(worker_command(settings, settings.workers, worker_name(0), args.verbose))
+    # One process group: Ctrl-C reaches every process, and whoever stops this command stops them all.
+    processes = [subprocess.Popen(command) for command in commands]
     try:
-        return subprocess.call(command)
+        while all(process.poll() is None for process in processes):
+            time.sleep(0.5)
     except KeyboardInterrupt:
-        return 0
+        pass
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    return max((process.returncode or 0) for process in processes)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -295,7 +398,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     query.add_argument("--writable", action="store_true", help="allow statements that change data")
     query.set_defaults(handler=_query)
 
-    dev = commands.add_parser("dev", help="run Dagster (webserver, daemon, sensors) against the settings")
+    dev = commands.add_parser("dev", help="run Dagster (webserver, daemon, sensors) and the run workers")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=int, default=3000)
+    dev.add_argument("--verbose", action="store_true", help="every Dagster event, not one line per run")
     dev.set_defaults(handler=_dev)
+
+    daemon = commands.add_parser("daemon", help="the Dagster daemon: sensors, run queue, retries, run monitoring")
+    daemon.add_argument("--verbose", action="store_true", help="log every tick and every run the daemon handles")
+    daemon.set_defaults(handler=_daemon)
+
+    worker = commands.add_parser("worker", help="a warm run worker: executes the runs the daemon launches")
+    worker.add_argument(
+        "--concurrency", type=int, help="runs at once, one process each (default CLICKHOUSE_ETL_WORKERS)"
+    )
+    worker.add_argument("-n", "--name", help="worker name, unique per worker (default clickhouse-etl-0@<host>)")
+    worker.add_argument("--verbose", action="store_true", help="log every task the worker receives")
+    worker.set_defaults(handler=_worker)

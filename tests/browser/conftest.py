@@ -7,10 +7,8 @@ when this module's tests end, before the integration tests bring up theirs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -30,6 +28,7 @@ from clickhouse_etl.core.settings import Settings
 from clickhouse_etl.dev import stack
 from clickhouse_etl.dev.datasets import DATASETS
 from clickhouse_etl.orchestration import tags
+from clickhouse_etl.tools.processes import stop_process_group
 
 from .ui import DagsterUI, IngestedData, saved_screenshots, screenshots_folder
 
@@ -158,26 +157,6 @@ def _wait_for_code_location(base_url: str, process: subprocess.Popen, log_path: 
     pytest.fail(f"Dagster UI did not load its code location in time:\n{log_path.read_text()[-3000:]}")
 
 
-def _stop_process_group(process: subprocess.Popen) -> None:
-    """`dagster dev` runs a webserver, a daemon and code servers in its process group: stop them all."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    # Reap the group leader first: a zombie leader would keep the group alive for the check below.
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def dagster_ui(ingested: IngestedData, screenshots_dir: Path) -> Iterator[DagsterUI]:
     """`clickhouse-etl dev` on a free port, with the instance catch-up wrote and the same settings."""
@@ -196,7 +175,7 @@ def dagster_ui(ingested: IngestedData, screenshots_dir: Path) -> Iterator[Dagste
         location = _wait_for_code_location(base_url, process, log_path)
         yield DagsterUI(base_url, location)
     finally:
-        _stop_process_group(process)
+        stop_process_group(process)
 
 
 @pytest.fixture

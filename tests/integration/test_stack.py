@@ -77,6 +77,23 @@ def test_stack_up_twice_is_harmless(base_settings: Settings) -> None:
     assert all(status.answers for status in stack.stack_status(base_settings))
 
 
+def test_stack_up_creates_a_database_the_running_server_lacks(base_settings: Settings) -> None:
+    database = f"clickhouse_etl_{uuid.uuid4().hex[:8]}"
+    other = base_settings.model_copy(
+        update={"postgres_dsn": base_settings.postgres_dsn.rsplit("/", 1)[0] + f"/{database}"}
+    )
+    [before] = [status for status in stack.stack_status(other) if status.name == "postgres"]
+    assert before.answers and before.detail == f"database {database} missing (`stack up` creates it)"
+
+    lines: list[str] = []
+    stack.stack_up(other, echo=lines.append)
+
+    [after] = [status for status in stack.stack_status(other) if status.name == "postgres"]
+    assert after.answers and after.detail == "started by stack up"
+    with psycopg.connect(other.postgres_dsn) as connection:
+        assert connection.execute("SELECT current_database()").fetchone()[0] == database
+
+
 def test_down_stops_what_up_started_and_nothing_else(stack_dir: Path) -> None:
     ports = {"kafka": 29092, "redis": 26379, "postgres": 25432}
     data_dir = stack_dir.with_name(stack_dir.name + "-down")  # PostgreSQL's user must reach it: not tmp_path

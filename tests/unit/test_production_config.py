@@ -1,19 +1,23 @@
 """The production deployment's configuration, checked without contacting any service.
 
 Instance files (deploy/dagster.production.yaml, the local dagster.yaml, the instance inlined in
-docker-compose.yml) go through Dagster's own check, the one dagster-webserver and dagster-daemon run when
-they load an instance: `dagster._core.instance.config.dagster_instance_config` validates the whole file
-against Dagster's instance schema (including the `storage: postgres` block, whose schema is Dagster core's
-`pg_config`, and the rule that run limits are not set twice). Then `InstanceRef.from_dir` turns the file
-into the configurable classes the instance would load (storage, run coordinator, run launcher, compute
-logs, scheduler, ...), and each class's config is processed against that class's own schema with the
-`env:` references resolved.
+docker-compose.yml, and the guide's Kubernetes Job alternative) go through Dagster's own check, the one
+dagster-webserver and dagster-daemon run when they load an instance:
+`dagster._core.instance.config.dagster_instance_config` validates the whole file against Dagster's instance
+schema (including the `storage: postgres` block, whose schema is Dagster core's `pg_config`, and the rule
+that run limits are not set twice). Then `InstanceRef.from_dir` turns the file into the configurable classes
+the instance would load (storage, run coordinator, run launcher, compute logs, scheduler, ...), and each
+class's config is processed against that class's own schema with the `env:` references resolved.
 
-Only class loading is left out for the classes of packages that the deployment image installs but the
-development environment does not (dagster_postgres, dagster_k8s: their releases pin an exact Dagster core
-release). For them the test asserts which classes those are, and that the K8sRunLauncher block carries the
-keys that launcher cannot start without. Where those packages are installed, their classes are checked
-like every other class: nothing is skipped.
+dagster-postgres and dagster-celery are dependencies of the project, so every class of the production and
+compose files is loaded and checked. Only the Kubernetes Job alternative names a package that is not
+installed here (dagster_k8s: the image adds it on request); for it the test asserts that the K8sRunLauncher
+block carries the keys that launcher cannot start without, and checks the class like any other where the
+package is installed.
+
+The deployment files around the instance are checked against the project itself: the Kubernetes manifests
+and the compose services run commands the command line accepts, give every process the variables the
+instance file refers to, and set no variable the project does not read.
 
 The definitions are built from a production-like environment (TLS/SASL connection strings with passwords)
 and must resolve every job, sensor and schedule while no password reaches what the UI is sent. The guide's
@@ -25,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shlex
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,10 +46,12 @@ from dagster._core.utils import make_new_run_id
 from dagster._serdes import class_from_code_pointer, serialize_value
 from dagster._serdes.config_class import ConfigurableClassData
 
+from clickhouse_etl.cli import build_parser
 from clickhouse_etl.core.pipeline.ddl import all_statements
 from clickhouse_etl.core.pipeline.loading import load_pipelines
 from clickhouse_etl.core.ranges import OffsetRange
-from clickhouse_etl.core.settings import load_settings
+from clickhouse_etl.core.settings import Settings, environment_variable, load_settings
+from clickhouse_etl.orchestration import instance
 from clickhouse_etl.orchestration.definitions import configured_definitions
 from clickhouse_etl.orchestration.jobs import range_run_config
 from clickhouse_etl.orchestration.run_records import read_ledger
@@ -52,12 +59,14 @@ from clickhouse_etl.orchestration.tags import PARTITION_SLOT, range_tags
 
 ROOT = Path(__file__).parents[2]
 PRODUCTION_YAML = ROOT / "deploy" / "dagster.production.yaml"
+KUBERNETES = ROOT / "deploy" / "kubernetes"
 LOCAL_YAML = ROOT / "dagster.yaml"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
 GUIDE = ROOT / "docs" / "production.md"
 
-# Installed in the deployment image only; everything but importing their classes is still checked.
-DEPLOYMENT_ONLY_PACKAGES = {"dagster_postgres", "dagster_k8s"}
+# Packages the guide's alternatives add to the image (--build-arg EXTRA_PACKAGES); not installed here.
+DEPLOYMENT_ONLY_PACKAGES = {"dagster_k8s"}
 
 # Credentials of a production-like environment: none of them may reach what the UI is sent.
 SECRETS = {
@@ -87,12 +96,26 @@ PRODUCTION_ENVIRONMENT = {
     "CLICKHOUSE_ETL_PIPELINES": "ad_clicks,api_usage",
     "CLICKHOUSE_ETL_MAX_RECORDS_PER_RUN": "1000000",
 }
-# Values the env: references of the instance files resolve to.
+# Values the env: references of the production and compose instance files resolve to.
 INSTANCE_ENVIRONMENT = {
-    "DAGSTER_PG_URL": "postgresql://dagster:pw@pg.example.com:5432/dagster?sslmode=verify-full",
+    "DAGSTER_PG_URL": "postgresql+psycopg2://dagster:pw@pg.example.com:5432/dagster?sslmode=verify-full",
+    "CLICKHOUSE_ETL_CELERY_BROKER_URL": "rediss://celery:pw@redis.example.com:6380/1?ssl_cert_reqs=required",
+    "CLICKHOUSE_ETL_CELERY_BACKEND_URL": "rediss://celery:pw@redis.example.com:6380/2?ssl_cert_reqs=required",
+    "CLICKHOUSE_ETL_CELERY_QUEUE": "dagster",
+}
+# ... and those of the guide's Kubernetes Job alternative.
+K8S_JOB_ENVIRONMENT = {
     "DAGSTER_K8S_JOB_NAMESPACE": "clickhouse-etl",
     "DAGSTER_RUN_IMAGE": "registry.example.com/clickhouse-etl:1.0.0",
 }
+# Blocks the production and compose instances share with the local dagster.yaml, word for word: the runs go
+# to the same kind of workers, queue the same way and are retried the same way.
+SHARED_WITH_LOCAL = ("run_launcher", "run_coordinator", "run_retries", "sensors", "python_logs")
+DAGSTER_SERVICES = ("dagster-webserver", "dagster-daemon", "dagster-worker")
+# The Kubernetes objects the manifests refer to; the guide's commands create the first two.
+INSTANCE_CONFIG_MAP = "clickhouse-etl-dagster-instance"
+CONNECTIONS_SECRET = "clickhouse-etl-connections"
+SETTINGS_CONFIG_MAP = "clickhouse-etl-settings"
 
 
 def env_references(value: Any) -> set[str]:
@@ -128,7 +151,7 @@ def check_instance_file(config_dir: Path, filename: str, home: Path) -> tuple[di
 
 @pytest.fixture
 def instance_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in INSTANCE_ENVIRONMENT.items():
+    for name, value in {**INSTANCE_ENVIRONMENT, **K8S_JOB_ENVIRONMENT}.items():
         monkeypatch.setenv(name, value)
 
 
@@ -137,56 +160,143 @@ def partition_limit(config: dict[str, Any]) -> list[dict[str, Any]]:
     return [limit for limit in limits if limit["key"] == PARTITION_SLOT]
 
 
+def compose_instance(tmp_path: Path) -> Path:
+    """The compose file's inline dagster.yaml, written to a folder of its own."""
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    config_dir = tmp_path / "compose"
+    config_dir.mkdir(exist_ok=True)
+    (config_dir / "dagster.yaml").write_text(compose["configs"]["dagster-instance"]["content"])
+    return config_dir
+
+
+POSTGRES_STORAGE = {
+    "run_storage": "PostgresRunStorage",
+    "event_log_storage": "KeptConnectionPostgresEventLogStorage",
+    "schedule_storage": "PostgresScheduleStorage",
+}
+
+
+def storage_classes(config: dict[str, Any]) -> dict[str, str]:
+    """Each storage's class, and that every one of them reads its URL from DAGSTER_PG_URL."""
+    for storage in POSTGRES_STORAGE:
+        assert config[storage]["config"] == {"postgres_url": {"env": "DAGSTER_PG_URL"}}, storage
+    return {storage: config[storage]["class"] for storage in POSTGRES_STORAGE}
+
+
 def test_production_instance_passes_dagsters_config_check(instance_environment: None, tmp_path: Path) -> None:
     config, not_importable = check_instance_file(PRODUCTION_YAML.parent, PRODUCTION_YAML.name, tmp_path)
 
-    assert "postgres" in config["storage"]
-    assert config["run_launcher"]["class"] == "K8sRunLauncher"
-    # Only the deployment-only packages may be missing here, and only their classes go unloaded.
-    assert {module.split(".")[0] for module, _ in not_importable} <= DEPLOYMENT_ONLY_PACKAGES
-    if ("dagster_k8s", "K8sRunLauncher") in not_importable:
-        launcher = config["run_launcher"]["config"]
-        assert {"instance_config_map", "service_account_name", "job_image", "env_secrets"} <= set(launcher)
+    assert not_importable == set()  # dagster-postgres, dagster-celery and the project's classes: all checked
+    assert storage_classes(dict(config)) == POSTGRES_STORAGE
+    assert config["run_launcher"]["class"] == "WarmWorkerRunLauncher"
+    assert config["run_coordinator"]["class"] == "PartitionSlotRunCoordinator"
+    monitoring = config["run_monitoring"]
+    # A lost worker machine leaves its run STARTED: only a runtime limit ends it without a person.
+    assert monitoring["max_runtime_seconds"] > 0 and monitoring["cancel_timeout_seconds"] > 0
 
 
-def test_local_instance_passes_dagsters_config_check(tmp_path: Path) -> None:
+def test_production_and_compose_instances_run_like_the_local_one(tmp_path: Path) -> None:
+    local = yaml.safe_load(LOCAL_YAML.read_text())
+    production = yaml.safe_load(PRODUCTION_YAML.read_text())
+    composed = yaml.safe_load((compose_instance(tmp_path) / "dagster.yaml").read_text())
+
+    shared = {block: local[block] for block in SHARED_WITH_LOCAL}
+    local_limits = local["concurrency"]["runs"]["tag_concurrency_limits"]
+    for config in (production, composed):
+        assert {block: config.get(block) for block in SHARED_WITH_LOCAL} == shared
+        assert config["concurrency"]["runs"]["tag_concurrency_limits"] == local_limits
+        # Everything the local file monitors, monitored alike (production adds limits of its own).
+        monitoring = config["run_monitoring"]
+        assert {key: monitoring.get(key) for key in local["run_monitoring"]} == local["run_monitoring"]
+        # Several machines share one instance: PostgreSQL storage, no compute log files on a worker's disk.
+        assert storage_classes(config) == POSTGRES_STORAGE
+        assert config["compute_logs"]["class"] == "NoOpComputeLogManager"
+
+
+def test_local_instance_passes_dagsters_config_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLICKHOUSE_ETL_DATA_DIR", str(tmp_path / "data"))
+    for name, value in instance.instance_environment(load_settings()).items():
+        monkeypatch.setenv(name, value)
+
     config, not_importable = check_instance_file(LOCAL_YAML.parent, LOCAL_YAML.name, tmp_path)
 
-    assert not_importable == set()  # SQLite storage and the default launcher: all of Dagster core
+    assert not_importable == set()  # SQLite storage, dagster-celery and the project's coordinator: all installed
+    assert config["run_launcher"]["class"] == "WarmWorkerRunLauncher"
+    assert config["run_coordinator"]["class"] == "PartitionSlotRunCoordinator"
     assert partition_limit(config)
 
 
+def test_the_default_launcher_is_one_setting_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLICKHOUSE_ETL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CLICKHOUSE_ETL_RUN_LAUNCHER", "default")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "dagster.yaml").write_text(instance.project_dagster_yaml(load_settings()))
+
+    config, not_importable = check_instance_file(tmp_path / "config", "dagster.yaml", tmp_path / "home")
+
+    assert not_importable == set()
+    assert config["run_launcher"] == {"module": "dagster", "class": "DefaultRunLauncher"}
+    assert partition_limit(config) and config["run_monitoring"]["enabled"]
+
+
 def test_compose_instance_passes_dagsters_config_check(instance_environment: None, tmp_path: Path) -> None:
+    config, not_importable = check_instance_file(compose_instance(tmp_path), "dagster.yaml", tmp_path / "home")
+
+    assert not_importable == set()
+    assert storage_classes(dict(config)) == POSTGRES_STORAGE
+    assert config["run_launcher"]["class"] == "WarmWorkerRunLauncher"
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    assert {"kafka", "redis", "postgres", "clickhouse", *DAGSTER_SERVICES} <= set(services)
+    for name in DAGSTER_SERVICES:
+        mounted = {c["target"] for c in services[name]["configs"]}
+        assert mounted == {services[name]["environment"]["DAGSTER_HOME"] + "/dagster.yaml"}, name
+
+
+def cli_arguments(command: list[str]) -> Any:
+    """A `clickhouse-etl ...` command line as the command line itself parses it (an unknown one fails)."""
+    assert command[0] == "clickhouse-etl", command
+    return build_parser().parse_args(command[1:])
+
+
+def test_compose_services_run_the_projects_commands(tmp_path: Path) -> None:
     compose = yaml.safe_load(COMPOSE_FILE.read_text())
-    config_dir = tmp_path / "compose"
-    config_dir.mkdir()
-    (config_dir / "dagster.yaml").write_text(compose["configs"]["dagster-instance"]["content"])
-
-    config, not_importable = check_instance_file(config_dir, "dagster.yaml", tmp_path / "home")
-
-    assert "postgres" in config["storage"]
-    assert {module.split(".")[0] for module, _ in not_importable} <= DEPLOYMENT_ONLY_PACKAGES
     services = compose["services"]
-    assert {"kafka", "redis", "postgres", "clickhouse", "dagster-webserver", "dagster-daemon"} <= set(services)
-    mounted = {c["target"] for c in services["dagster-daemon"]["configs"]}
-    assert mounted == {services["dagster-daemon"]["environment"]["DAGSTER_HOME"] + "/dagster.yaml"}
+    references = env_references(yaml.safe_load((compose_instance(tmp_path) / "dagster.yaml").read_text()))
+
+    assert references == set(INSTANCE_ENVIRONMENT)
+    for name in DAGSTER_SERVICES:
+        environment = services[name]["environment"]
+        # dagster-webserver derives nothing: every process needs each variable the instance refers to.
+        assert references <= set(environment), name
+        assert environment["DAGSTER_PG_URL"].startswith("postgresql+psycopg2://")
+    environment = services["dagster-worker"]["environment"]
+    redis = environment["REDIS_URL"].rsplit("/", 1)[0]
+    assert environment["CLICKHOUSE_ETL_CELERY_BROKER_URL"] == f"{redis}/1"
+    assert environment["CLICKHOUSE_ETL_CELERY_BACKEND_URL"] == f"{redis}/2"
+
+    assert cli_arguments(services["dagster-daemon"]["command"]).command == "daemon"
+    worker = cli_arguments(services["dagster-worker"]["command"])
+    assert worker.command == "worker" and "%h" in worker.name  # every scaled replica has a name of its own
+    assert "container_name" not in services["dagster-worker"]  # so that `--scale` can start more
+    instance_config = yaml.safe_load((compose_instance(tmp_path) / "dagster.yaml").read_text())
+    assert instance_config["concurrency"]["runs"]["max_concurrent_runs"] <= worker.concurrency
 
 
 def test_every_instance_keeps_one_run_per_partition(instance_environment: None, tmp_path: Path) -> None:
     local, _ = dagster_instance_config(str(LOCAL_YAML.parent), config_filename=LOCAL_YAML.name)
     production, _ = dagster_instance_config(str(PRODUCTION_YAML.parent), config_filename=PRODUCTION_YAML.name)
-    compose_dir = tmp_path / "compose"
-    compose_dir.mkdir()
-    compose = yaml.safe_load(COMPOSE_FILE.read_text())
-    (compose_dir / "dagster.yaml").write_text(compose["configs"]["dagster-instance"]["content"])
-    composed, _ = dagster_instance_config(str(compose_dir))
+    composed, _ = dagster_instance_config(str(compose_instance(tmp_path)))
 
     expected = [{"key": PARTITION_SLOT, "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]
     for config in (local, production, composed):
         assert partition_limit(dict(config)) == expected
         assert config["run_retries"]["enabled"] and config["run_monitoring"]["enabled"]
-    # Frames live in the run's memory: a dead run pod must fail (then retry all steps), never resume.
-    assert production["run_monitoring"]["max_resume_run_attempts"] == 0
+        # Runs of a tick submitted in parallel may be created out of order: a partition's ranges would start so.
+        assert "num_submit_workers" not in config.get("sensors", {})
+    # Frames live in the run's memory: a dead run worker must fail (then retry all steps), never resume.
+    for config in (production, composed):
+        assert config["run_monitoring"]["max_resume_run_attempts"] == 0
 
 
 def test_production_instance_references_documented_variables_only() -> None:
@@ -197,7 +307,143 @@ def test_production_instance_references_documented_variables_only() -> None:
     assert references == set(INSTANCE_ENVIRONMENT)
     assert [name for name in sorted(references) if f"`{name}`" not in guide] == []
     # No credential in the file itself: the storage URL is a reference, not a value.
-    assert raw["storage"]["postgres"]["postgres_url"] == {"env": "DAGSTER_PG_URL"}
+    storage_classes(raw)
+    # A plain postgresql:// URL makes SQLAlchemy 2.1 pick psycopg 3, which dagster-postgres fails with.
+    assert "`postgresql+psycopg2://" in guide
+
+
+def guides_k8s_job_launcher() -> dict[str, Any]:
+    block = re.search(r"```yaml\n(run_launcher:\n  module: dagster_k8s\n.*?)```", GUIDE.read_text(), re.DOTALL)
+    assert block, "the guide's K8sRunLauncher block is missing"
+    return yaml.safe_load(block.group(1))
+
+
+def test_guides_kubernetes_job_alternative_passes_dagsters_config_check(
+    instance_environment: None, tmp_path: Path
+) -> None:
+    launcher = guides_k8s_job_launcher()
+    alternative = {**yaml.safe_load(PRODUCTION_YAML.read_text()), **launcher}
+    (tmp_path / "k8s").mkdir()
+    (tmp_path / "k8s" / "dagster.yaml").write_text(yaml.safe_dump(alternative))
+
+    config, not_importable = check_instance_file(tmp_path / "k8s", "dagster.yaml", tmp_path / "home")
+
+    assert config["run_launcher"]["class"] == "K8sRunLauncher"
+    assert {module.split(".")[0] for module, _ in not_importable} <= DEPLOYMENT_ONLY_PACKAGES
+    if not_importable:
+        required = {"instance_config_map", "service_account_name", "job_namespace", "job_image", "env_secrets"}
+        assert required <= set(config["run_launcher"]["config"])
+    # The launcher mounts the instance ConfigMap into its run pods: the one the manifests mount everywhere.
+    assert launcher["run_launcher"]["config"]["instance_config_map"] == INSTANCE_CONFIG_MAP
+    guide = GUIDE.read_text()
+    assert env_references(launcher) == set(K8S_JOB_ENVIRONMENT)
+    assert [name for name in sorted(K8S_JOB_ENVIRONMENT) if f"`{name}`" not in guide] == []
+
+
+# --- the Kubernetes manifests ------------------------------------------------------------------------------
+
+
+def manifests() -> list[dict[str, Any]]:
+    files = sorted(KUBERNETES.glob("*.yaml"))
+    assert files, "no Kubernetes manifests"
+    return [doc for path in files for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def deployments() -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in manifests() if doc["kind"] == "Deployment"}
+
+
+def guides_kubectl_create(kind: str, name: str) -> str:
+    """The guide's `kubectl create <kind> ... <name> ...` command, continuation lines joined."""
+    command = re.search(rf"^kubectl create {kind} {name} \\\n(?:.*\\\n)*.*$", GUIDE.read_text(), re.MULTILINE)
+    assert command, f"the guide does not create {kind} {name}"
+    return command.group(0).replace("\\\n", " ")
+
+
+def secret_keys() -> set[str]:
+    """The keys the guide's command puts into the connections Secret."""
+    return set(re.findall(r"--from-literal=(\w+)=", guides_kubectl_create("secret generic", CONNECTIONS_SECRET)))
+
+
+def image_dagster_home() -> str:
+    found = re.search(r"DAGSTER_HOME=(\S+)", DOCKERFILE.read_text())
+    assert found, "the Dockerfile sets no DAGSTER_HOME"
+    return found.group(1)
+
+
+def test_kubernetes_manifests_are_the_documented_deployment() -> None:
+    kinds = sorted((doc["kind"], doc["metadata"]["name"]) for doc in manifests())
+    assert kinds == [
+        ("ConfigMap", SETTINGS_CONFIG_MAP),
+        ("Deployment", "clickhouse-etl-daemon"),
+        ("Deployment", "clickhouse-etl-webserver"),
+        ("Deployment", "clickhouse-etl-worker"),
+        ("Service", "clickhouse-etl-webserver"),
+    ]
+    # The instance ConfigMap is made from the production file, as the guide says.
+    instance_command = guides_kubectl_create("configmap", INSTANCE_CONFIG_MAP)
+    assert f"--from-file=dagster.yaml={PRODUCTION_YAML.relative_to(ROOT)}" in instance_command
+    daemon = deployments()["clickhouse-etl-daemon"]
+    # Exactly one daemon, also during a rollout.
+    assert daemon["spec"]["replicas"] == 1 and daemon["spec"]["strategy"]["type"] == "Recreate"
+    images = {d["spec"]["template"]["spec"]["containers"][0]["image"] for d in deployments().values()}
+    assert len(images) == 1  # one image for every process
+
+
+def test_kubernetes_manifests_run_the_projects_commands_with_its_settings() -> None:
+    settings_map = next(doc for doc in manifests() if doc["kind"] == "ConfigMap")["data"]
+    known = {environment_variable(name) for name in Settings.model_fields} | set(INSTANCE_ENVIRONMENT)
+    # Plain settings and secrets are variables the project reads (or the instance file refers to).
+    assert set(settings_map) - known == set()
+    assert secret_keys() - known == set()
+    assert load_pipelines(settings_map["CLICKHOUSE_ETL_PIPELINES"])
+    production = yaml.safe_load(PRODUCTION_YAML.read_text())
+
+    for name, deployment in deployments().items():
+        pod = deployment["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        sources = {(k, v["name"]) for source in container["envFrom"] for k, v in source.items()}
+        assert sources == {("secretRef", CONNECTIONS_SECRET), ("configMapRef", SETTINGS_CONFIG_MAP)}, name
+        env = {item["name"]: item for item in container["env"]}
+        variables = set(env) | set(settings_map) | secret_keys()
+        # Every process loads the instance: each variable it refers to is there (dagster-webserver derives none).
+        assert set(INSTANCE_ENVIRONMENT) - variables == set(), name
+        assert set(env) - known - {"POD_NAME"} == set(), name
+        # The production dagster.yaml sits in DAGSTER_HOME, one file, so that the folder stays writable.
+        home = env["DAGSTER_HOME"]["value"]
+        assert home == image_dagster_home()
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == f"{home}/dagster.yaml"]
+        assert mount["subPath"] == "dagster.yaml"
+        assert volumes[mount["name"]]["configMap"]["name"] == INSTANCE_CONFIG_MAP, name
+
+        command = container["command"]
+        if name == "clickhouse-etl-webserver":
+            assert command[0] == "dagster-webserver"
+            assert command[command.index("-w") + 1] == "/opt/clickhouse-etl/workspace.yaml"
+            assert "COPY pyproject.toml README.md workspace.yaml ./" in DOCKERFILE.read_text()
+        elif name == "clickhouse-etl-daemon":
+            assert cli_arguments(command).command == "daemon"
+        else:
+            worker = cli_arguments(command)
+            assert worker.command == "worker"
+            # Each worker is named after its pod, from the downward API.
+            assert worker.name == "$(POD_NAME)"
+            assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+            # Launched runs find a free worker process: capacity covers the instance's run limit.
+            capacity = deployment["spec"]["replicas"] * worker.concurrency
+            assert production["concurrency"]["runs"]["max_concurrent_runs"] <= capacity
+            assert pod["terminationGracePeriodSeconds"] >= 60  # time to finish the runs it holds
+
+
+def test_guides_worker_commands_are_the_command_lines() -> None:
+    """Every `clickhouse-etl worker|daemon ...` line of the guide's shell blocks parses."""
+    blocks = re.findall(r"```bash\n(.*?)```", GUIDE.read_text(), re.DOTALL)
+    lines = [line for block in blocks for line in block.splitlines() if line.startswith("clickhouse-etl ")]
+    commands = [shlex.split(line.split("#")[0].replace("$(hostname)", "host")) for line in lines]
+    assert any(command[1] == "worker" for command in commands)
+    for command in commands:
+        cli_arguments(command)
 
 
 @pytest.fixture

@@ -49,3 +49,19 @@ def test_console_logger_format(
         "0",
         "10",
     }
+
+
+@pytest.mark.parametrize(("level", "events_shown"), [("INFO", False), ("DEBUG", True)])
+def test_a_run_logs_one_line_at_info_and_every_event_at_debug(
+    level: str, events_shown: bool, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CLICKHOUSE_ETL_LOG_LEVEL", level)
+    current_settings.cache_clear()
+    try:
+        # The logger named without a level, as every range's run config names it: the settings' level applies.
+        assert logging_job.execute_in_process(run_config={"loggers": {"console": {"config": {}}}}).success
+    finally:
+        current_settings.cache_clear()
+    err = capfd.readouterr().err
+    assert "committed t/0/0-10" in err
+    assert ("STEP_START" in err) == events_shown

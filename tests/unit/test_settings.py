@@ -164,3 +164,19 @@ def test_event_shares_accept_the_bounds(value):
 def test_event_shares_reject_duplicate_plus_malformed_above_one():
     with pytest.raises(ValueError, match="exceed 1"):
         EventShares(duplicate=0.7, malformed=0.4)
+
+
+def test_run_workers_use_redis_databases_of_their_own(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://:secret@cache.example.com:6380/0")
+    settings = load_settings()
+    assert settings.celery_broker_url == "redis://:secret@cache.example.com:6380/1"
+    assert settings.celery_backend_url == "redis://:secret@cache.example.com:6380/2"
+
+
+def test_run_workers_over_tls_name_the_certificate_check_celery_requires(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "rediss://cache.example.com:6380/0")
+    settings = load_settings()
+    assert settings.celery_broker_url == "rediss://cache.example.com:6380/1?ssl_cert_reqs=required"
+    assert settings.celery_backend_url == "rediss://cache.example.com:6380/2?ssl_cert_reqs=required"
+    explicit = load_settings(celery_broker_url="rediss://broker.example.com/3?ssl_cert_reqs=none")
+    assert explicit.celery_broker_url == "rediss://broker.example.com/3?ssl_cert_reqs=none"
