@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -24,9 +25,16 @@ def workspace_file() -> str:
 DEFAULT_LAUNCHER = "run_launcher: {module: dagster, class: DefaultRunLauncher}"
 
 
+# The event log's folder as the packaged file names it, for any home the file is copied to by hand.
+HOME_REFERENCE = "dagster_home: {env: DAGSTER_HOME}"
+
+
 def project_dagster_yaml(settings: Settings) -> str:
-    """The project's dagster.yaml, with Dagster's default run launcher when the settings ask for it."""
+    """The project's dagster.yaml for the settings' home: the event log's folder written out (the instance then
+    opens from its folder alone, whatever DAGSTER_HOME says), and Dagster's default run launcher when the
+    settings ask for it."""
     text = _packaged("dagster.yaml").read_text()
+    text = text.replace(HOME_REFERENCE, f"dagster_home: {json.dumps(str(Path(settings.dagster_home).resolve()))}")
     if settings.run_launcher == "default":
         start = text.index("run_launcher:\n")
         end = text.index("\n\n", start)

@@ -12,7 +12,7 @@ from dagster._core.utils import make_new_run_id
 
 from clickhouse_etl.core.settings import load_settings
 from clickhouse_etl.orchestration import storage
-from clickhouse_etl.orchestration.instance import project_dagster_yaml
+from clickhouse_etl.orchestration.instance import install_dagster_yaml, project_dagster_yaml
 from clickhouse_etl.orchestration.storage import KeptConnectionSqliteEventLogStorage
 
 
@@ -59,3 +59,15 @@ def test_open_shards_are_bounded_and_released(instance: dg.DagsterInstance, monk
 
     event_log.dispose()
     assert event_log._engines == {}
+
+
+def test_an_installed_instance_opens_from_its_folder_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.setenv("CLICKHOUSE_ETL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CLICKHOUSE_ETL_RUN_LAUNCHER", "default")
+    home = install_dagster_yaml(load_settings())
+
+    with dg.DagsterInstance.from_config(home) as opened:
+        run = opened.add_run(DagsterRun(job_name="j", run_id=make_new_run_id()))
+        opened.report_engine_event("recorded", run)
+    assert (Path(home) / "history" / "runs" / f"{run.run_id}.db").exists()
