@@ -4,8 +4,12 @@ naive baseline.
 A fresh topic gets N generated events of the pipeline's demo data and the claims go to an emptied Redis
 database 15; `catch-up` runs in a child process (so its peak RSS is its own) through the real Dagster job,
 with the pipeline written to a file of its own that reads the fresh topic; the loaded counts are checked
-before any rate is printed. The baseline processes the same messages the way hand-written services do: one
-Redis SET NX and one PostgreSQL lookup per lookup per event, the network rules, and a batched insert.
+before any rate is printed. Beside it, on the same topic and in the same sitting: the raw pass-through (read,
+NDJSON, one JSONEachRow insert per batch, no processing: dev/pass_through.py), whose rate the end-to-end rate
+is read against; and the naive baseline, which processes the same messages the way hand-written services do:
+one Redis SET NX and one PostgreSQL lookup per lookup per event, the network rules, and a batched insert.
+With `--prefill-rows N` the pipeline's tables first get N rows of its demo data (dev/prefill.py), so the
+catch-up runs against a store that already holds what a long-lived deployment's would.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from clickhouse_etl.core.pipeline.model import Lookup, Pipeline
 from clickhouse_etl.core.pipeline.types import FieldType
 from clickhouse_etl.core.settings import Settings, settings_environment
 from clickhouse_etl.dev.datasets import dataset_for
+from clickhouse_etl.dev.pass_through import PassThroughError, PassThroughResult, run_pass_through
+from clickhouse_etl.dev.prefill import PrefillReport, prefill_store, store_size
 from clickhouse_etl.dev.producing import produce_count
 from clickhouse_etl.orchestration.instance import install_dagster_yaml
 from clickhouse_etl.orchestration.ops import STAGES
@@ -64,10 +70,23 @@ class BenchResult:
     loaded: int = 0
     baseline_events: int = 0
     baseline_seconds: float = 0.0
+    pass_through: PassThroughResult | None = None
+    prefill: PrefillReport | None = None
+    store_rows: int = 0  # rows of the pipeline's table before the catch-up, every topic's
+    store_parts: int = 0  # its active parts then
+    topic: str = ""  # the bench's own, fresh topic
 
     @property
     def events_per_second(self) -> float:
         return self.events / self.seconds
+
+    @property
+    def ratio_to_pass_through(self) -> float | None:
+        """End-to-end rate over the raw pass-through's, on the same messages: ≥ 1 is full processing at least
+        as fast as none."""
+        if self.pass_through is None or not self.pass_through.messages_per_second:
+            return None
+        return self.events_per_second / self.pass_through.messages_per_second
 
     @property
     def events_per_cpu_second(self) -> float:
@@ -80,6 +99,7 @@ class BenchResult:
     def as_json(self) -> dict[str, object]:
         return {
             "pipeline": self.pipeline,
+            "topic": self.topic,
             "events": self.events,
             "partitions": self.partitions,
             "seconds": round(self.seconds, 3),
@@ -99,12 +119,23 @@ class BenchResult:
             "speedup_vs_baseline": round(self.events_per_second / self.baseline_events_per_second, 1)
             if self.baseline_seconds
             else None,
+            "pass_through": self.pass_through.as_json() if self.pass_through else None,
+            "ratio_to_pass_through": _rounded(self.ratio_to_pass_through, 3),
+            "prefill": self.prefill.as_json() if self.prefill else None,
+            "store_before": {"rows": self.store_rows, "active_parts": self.store_parts},
         }
 
     def describe(self) -> str:
         lines = [
             f"pipeline {self.pipeline}: {self.events} events over {self.partitions} partitions, {self.runs} run(s), "
             f"loaded {self.loaded}",
+            f"store before the catch-up: {self.store_rows:,} rows in {self.store_parts} active part(s)"
+            + (
+                f", {self.prefill.rows:,} of them (and {self.prefill.dead_letters:,} dead letters) prefilled "
+                f"in {self.prefill.seconds:.1f} s"
+                if self.prefill
+                else ""
+            ),
             f"{'stage':<10} {'seconds':>9} {'events/s':>12}",
         ]
         for name, sec in self.stages.items():
@@ -122,8 +153,21 @@ class BenchResult:
                 f"naive per-event baseline: {self.baseline_events_per_second:,.0f} events/s on the first "
                 f"{self.baseline_events} events ({self.events_per_second / self.baseline_events_per_second:.1f}x)"
             )
-        lines.append(f"end-to-end: {self.events_per_second:.0f} events/s")
+        end_to_end = f"end-to-end: {self.events_per_second:.0f} events/s"
+        if self.pass_through is not None:
+            raw = self.pass_through
+            lines.append(
+                f"raw pass-through (no processing, one process): {raw.messages_per_second:,.0f} messages/s, "
+                f"{raw.rows:,} rows in {raw.inserts} insert(s), CPU seconds {raw.cpu_seconds:.1f}, "
+                f"peak RSS {raw.peak_rss_bytes / 2**20:,.0f} MiB"
+            )
+            end_to_end += f", {self.ratio_to_pass_through:.2f}x the raw pass-through"
+        lines.append(end_to_end)
         return "\n".join(lines)
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def create_topic(settings: Settings, topic: str, partitions: int) -> None:
@@ -338,6 +382,28 @@ def with_empty_claim_store(settings: Settings) -> Settings:
     return settings
 
 
+def prepare_store(
+    settings: Settings, pipeline: Pipeline, prefill_rows: int, partitions: int, say: Callable[[str], None]
+) -> tuple[PrefillReport | None, int, int]:
+    """The prefill when asked for, and the rows and active parts of the pipeline's table the catch-up meets."""
+    database = settings.clickhouse_database
+    prefill = None
+    with clickhouse_session(settings.clickhouse_dsn, settings.clickhouse_lock_timeout_seconds) as client:
+        if prefill_rows:
+            say(f"prefilling {pipeline.sink.table} with {prefill_rows} rows of {pipeline.name} demo data…")
+            prefill = prefill_store(
+                client,
+                database,
+                pipeline,
+                prefill_rows,
+                partitions,
+                settings.max_records_per_run,
+                dataset_for(pipeline.name).lookup_rows,
+            )
+        rows, parts = store_size(client, database, pipeline.sink.table)
+    return prefill, rows, parts
+
+
 def run_bench(
     settings: Settings,
     pipeline: Pipeline,
@@ -345,9 +411,12 @@ def run_bench(
     partitions: int,
     baseline_events: int,
     say: Callable[[str], None] = print,
+    pass_through: bool = True,
+    prefill_rows: int = 0,
 ) -> BenchResult:
     settings = with_empty_claim_store(settings)
     dataset = dataset_for(pipeline.name)
+    prefill, store_rows, store_parts = prepare_store(settings, pipeline, prefill_rows, partitions, say)
     bench_pipeline = pipeline.with_topic(f"bench_{uuid.uuid4().hex[:10]}")
     create_topic(settings, bench_pipeline.topic, partitions)
     say(f"producing {events} {pipeline.name} events to {bench_pipeline.topic} ({partitions} partitions)…")
@@ -375,7 +444,22 @@ def run_bench(
         peak_rss_bytes=measure.peak_rss_bytes,
         cpu_seconds=measure.cpu_seconds,
         loaded=loaded,
+        prefill=prefill,
+        store_rows=store_rows,
+        store_parts=store_parts,
+        topic=bench_pipeline.topic,
     )
+    if pass_through:
+        say(f"raw pass-through of {bench_pipeline.topic}…")
+        try:
+            result.pass_through = run_pass_through(settings, bench_pipeline)
+        except PassThroughError as error:
+            raise BenchError(str(error)) from error
+        if result.pass_through.messages != report.produced:
+            raise BenchError(
+                f"the raw pass-through read {result.pass_through.messages} messages, {report.produced} were "
+                "produced: no rate reported"
+            )
     if baseline_events:
         say(f"naive per-event baseline on the first {baseline_events} events…")
         result.baseline_events = baseline_events

@@ -76,10 +76,21 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     from clickhouse_etl.dev.bench import BenchError, print_result, run_bench
 
     [pipeline] = chosen_pipelines(settings, args, one=True)
+    if args.prefill_rows < 0:
+        raise UsageError(f"--prefill-rows must be 0 or more, not {args.prefill_rows}")
     ensure_pipeline_tables(settings, [pipeline])
     say = (lambda _: None) if args.json else print
     try:
-        result = run_bench(settings, pipeline, args.events, args.partitions, args.baseline_events, say)
+        result = run_bench(
+            settings,
+            pipeline,
+            args.events,
+            args.partitions,
+            args.baseline_events,
+            say,
+            pass_through=args.pass_through,
+            prefill_rows=args.prefill_rows,
+        )
     except BenchError as error:
         print(f"clickhouse-etl bench: {error}", file=sys.stderr)
         return 1
@@ -141,6 +152,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--events", type=int, default=1_000_000)
     bench.add_argument("--partitions", type=int, default=3)
     bench.add_argument("--baseline-events", type=int, default=30_000, help="0 skips the naive baseline")
+    bench.add_argument(
+        "--pass-through",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time a raw pass-through of the same topic (consume, NDJSON, JSONEachRow insert; default on)",
+    )
+    bench.add_argument(
+        "--prefill-rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first load N rows of demo data into the pipeline's tables, as a long-lived store holds (default 0)",
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(handler=_bench)
 

@@ -6,15 +6,24 @@ import json
 
 import pytest
 
+from clickhouse_etl.clients.clickhouse import clickhouse_session
+from clickhouse_etl.core.pipeline.columns import columns_of
+from clickhouse_etl.core.pipeline.model import Pipeline
 from clickhouse_etl.core.settings import Settings
+from clickhouse_etl.steps.verify import compare_view
+from clickhouse_etl.tools.catchup import kafka_reader
 
-from .helpers import cli
+from .helpers import cli, query
 
 pytestmark = pytest.mark.integration
 
 
-def test_bench_checks_counts_and_reports_every_figure(settings: Settings) -> None:
-    result = cli(settings, "bench", "--events", "20000", "--partitions", "2", "--baseline-events", "2000", "--json")
+def test_bench_checks_counts_and_reports_every_figure(settings: Settings, pipeline: Pipeline) -> None:
+    result = cli(
+        settings,
+        *("bench", "--events", "20000", "--partitions", "2", "--baseline-events", "2000", "--json"),
+        *("--prefill-rows", "30000"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["pipeline"] == "ad_clicks"
@@ -37,9 +46,34 @@ def test_bench_checks_counts_and_reports_every_figure(settings: Settings) -> Non
     assert figures["events_per_cpu_second"] > 0
     assert figures["baseline_events"] == 2_000 and figures["baseline_events_per_second"] > 0
 
-    text = cli(settings, "bench", "--events", "5000", "--partitions", "1", "--baseline-events", "0")
+    # The raw pass-through read every message of the bench's topic, and its table held what its inserts wrote
+    # (the malformed lines of the demo data skipped); the table is gone afterwards.
+    raw = figures["pass_through"]
+    watermarks = kafka_reader(settings).watermarks(figures["topic"])
+    assert raw["messages"] == sum(high - low for low, high in watermarks.values()) == 20_000
+    assert raw["rows"] == raw["table_rows"] and 0.99 * raw["messages"] < raw["rows"] < raw["messages"]
+    assert raw["inserts"] == 1 and raw["cpu_seconds"] > 0 and raw["peak_rss_bytes"] > 0
+    assert figures["ratio_to_pass_through"] == pytest.approx(
+        figures["events_per_second"] / raw["messages_per_second"], rel=0.01
+    )
+    assert query(settings, "SELECT name FROM system.tables WHERE name LIKE 'bench_raw_%'") == []
+
+    # The prefill: the table held its rows before the catch-up, and every aggregate view still equals the
+    # aggregation over the table, prefilled windows included.
+    assert figures["prefill"]["rows"] == 30_000 and figures["prefill"]["dead_letters"] > 0
+    assert figures["store_before"]["rows"] == 30_000
+    with clickhouse_session(settings.clickhouse_dsn, 60) as client:
+        for aggregate in columns_of(pipeline).aggregates:
+            for window in aggregate.aggregate.windows:
+                check = compare_view(client, "analytics", pipeline.sink.table, aggregate, window)
+                assert check.passed and check.windows_compared > 1_000, check.mismatches[:3]
+
+    text = cli(
+        settings, "bench", "--events", "5000", "--partitions", "1", "--baseline-events", "0", "--no-pass-through"
+    )
     assert text.returncode == 0, text.stderr[-3000:]
     assert text.stdout.strip().splitlines()[-1].startswith("end-to-end: ")
+    assert "pass-through" not in text.stdout
 
 
 def test_freshness_runs_the_sensor_and_checks_counts(settings: Settings) -> None:
