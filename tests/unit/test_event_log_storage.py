@@ -71,3 +71,20 @@ def test_an_installed_instance_opens_from_its_folder_alone(tmp_path: Path, monke
         run = opened.add_run(DagsterRun(job_name="j", run_id=make_new_run_id()))
         opened.report_engine_event("recorded", run)
     assert (Path(home) / "history" / "runs" / f"{run.run_id}.db").exists()
+
+
+def test_new_run_databases_are_copies_of_one_initialized_template(
+    instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    runs = [instance.add_run(DagsterRun(job_name="j", run_id=make_new_run_id())) for _ in range(3)]
+    for run in runs:
+        instance.report_engine_event("started", run)
+
+    runs_folder = tmp_path / "history" / "runs"
+    assert (runs_folder / storage.TEMPLATE_NAME).exists()
+    # Dagster's own listing of run databases (used by its upgrade and wipe) sees the runs, not the template.
+    assert set(instance.event_log_storage.get_all_run_ids()) >= {run.run_id for run in runs}
+    assert storage.TEMPLATE_NAME.removesuffix(".db") not in instance.event_log_storage.get_all_run_ids()
+    # A copy is a complete database: Dagster's migration check finds it at the head revision.
+    instance.upgrade()
+    assert [r.dagster_event.message for r in instance.all_logs(runs[0].run_id)] == ["started"]
