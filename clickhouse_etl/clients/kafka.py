@@ -12,7 +12,8 @@ from datetime import datetime
 import polars as pl
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from clickhouse_etl.core.ranges import OffsetRange
+from clickhouse_etl.core.collector import collections_paused
+from clickhouse_etl.core.ranges import OffsetRange, split_range
 
 COLUMN_CHUNK = 65_536  # messages turned into polars columns at a time while a range is read
 
@@ -42,9 +43,13 @@ class KafkaReader:
             # An offset that no longer exists must fail, not silently jump to another position.
             "auto.offset.reset": "error",
             "enable.partition.eof": True,
-            "fetch.max.bytes": 104_857_600,
-            "max.partition.fetch.bytes": 52_428_800,
-            "queued.max.messages.kbytes": 65_536,
+            # Fetches of 16 MiB, at most 16 MiB queued, fetched again as soon as the queue has room: reading 1M
+            # messages took 1.05 to 2.5 s and 420 MiB peak RSS this way, against 1.5 s and 530 MiB with 100 MiB
+            # fetches and a 64 MiB queue (librdkafka waits a second before fetching into a full queue).
+            "fetch.max.bytes": 16_777_216,
+            "max.partition.fetch.bytes": 16_777_216,
+            "queued.max.messages.kbytes": 16_384,
+            "fetch.queue.backoff.ms": 0,
             "log_level": 4,
             **self.extra_config,
         }
@@ -70,10 +75,17 @@ class KafkaReader:
 
     def read_range(self, offset_range: OffsetRange) -> pl.DataFrame:
         """Exactly the messages of [start, end) as (kafka_partition, kafka_offset, value)."""
+        return pl.concat([frame for _, frame in self.read_windows(offset_range, offset_range.size)])
+
+    def read_windows(self, offset_range: OffsetRange, window_size: int) -> Iterator[tuple[OffsetRange, pl.DataFrame]]:
+        """Exactly the messages of [start, end), one frame per window of `window_size` offsets counted from
+        `start` — every window, one without a message too — each handed over as soon as it is complete."""
         topic, partition, start, end = offset_range.topic, offset_range.partition, offset_range.start, offset_range.end
+        windows = split_range(topic, partition, start, end, window_size)
+        current = 0  # the window being filled
         offsets: list[pl.Series] = []
         values: list[pl.Series] = []
-        # Python objects of at most one column chunk at a time, never of the whole range.
+        # Python objects of at most one column chunk at a time, never of a whole window.
         pending_offsets: list[int] = []
         pending_values: list[bytes | None] = []
 
@@ -83,7 +95,22 @@ class KafkaReader:
             pending_offsets.clear()
             pending_values.clear()
 
-        with self.consumer() as consumer:
+        def completed_window() -> pl.DataFrame:
+            flush_pending()
+            offset_column = pl.concat(offsets)
+            frame = pl.DataFrame(
+                {
+                    "kafka_partition": pl.repeat(partition, offset_column.len(), dtype=pl.UInt32, eager=True),
+                    "kafka_offset": offset_column,
+                    "value": pl.concat(values),
+                }
+            )
+            offsets.clear()
+            values.clear()
+            return frame
+
+        # Message objects by the million, none of them in a cycle: the collector would only walk them.
+        with self.consumer() as consumer, collections_paused():
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
             if start < low:
                 raise OffsetGapError(
@@ -95,43 +122,45 @@ class KafkaReader:
             consumer.assign([TopicPartition(topic, partition, start)])
             position = start
             last_progress = time.monotonic()
-            while position < end:
-                batch = consumer.consume(num_messages=min(self.fetch_batch, end - position), timeout=1.0)
-                if not batch:
-                    if time.monotonic() - last_progress > self.read_timeout_seconds:
-                        raise TimeoutError(
-                            f"{topic}/{partition}: no messages at offset {position} for "
-                            f"{self.read_timeout_seconds:.0f} s"
-                        )
-                    continue
-                last_progress = time.monotonic()
-                # One pass per attribute over the batch: no per-message Python branching on the hot path.
-                end_of_partition = position
-                if any([message.error() is not None for message in batch]):
-                    end_of_partition = self._handle_errors(batch, offset_range, position)
-                    batch = [message for message in batch if message.error() is None]
-                batch_offsets = [message.offset() for message in batch]
-                if batch_offsets and batch_offsets[-1] >= end:  # never read past end
-                    keep = bisect.bisect_left(batch_offsets, end)
-                    batch, batch_offsets = batch[:keep], batch_offsets[:keep]
-                    position = end
-                elif batch_offsets:
-                    position = batch_offsets[-1] + 1
-                # Past the last message (control records of transactions end a range without data).
-                position = max(position, end_of_partition)
-                pending_offsets.extend(batch_offsets)
-                pending_values.extend([message.value() for message in batch])
-                if len(pending_offsets) >= COLUMN_CHUNK:
-                    flush_pending()
-            flush_pending()
-        offset_column = pl.concat(offsets)
-        return pl.DataFrame(
-            {
-                "kafka_partition": pl.repeat(partition, offset_column.len(), dtype=pl.UInt32, eager=True),
-                "kafka_offset": offset_column,
-                "value": pl.concat(values),
-            }
-        )
+            while current < len(windows):
+                if position < end:
+                    batch = consumer.consume(num_messages=min(self.fetch_batch, end - position), timeout=1.0)
+                    if not batch:
+                        if time.monotonic() - last_progress > self.read_timeout_seconds:
+                            raise TimeoutError(
+                                f"{topic}/{partition}: no messages at offset {position} for "
+                                f"{self.read_timeout_seconds:.0f} s"
+                            )
+                        continue
+                    last_progress = time.monotonic()
+                    # One pass per attribute over the batch: no per-message Python branching on the hot path.
+                    end_of_partition = position
+                    if any([message.error() is not None for message in batch]):
+                        end_of_partition = self._handle_errors(batch, offset_range, position)
+                        batch = [message for message in batch if message.error() is None]
+                    batch_offsets = [message.offset() for message in batch]
+                    if batch_offsets and batch_offsets[-1] >= end:  # never read past end
+                        keep = bisect.bisect_left(batch_offsets, end)
+                        batch, batch_offsets = batch[:keep], batch_offsets[:keep]
+                        position = end
+                    elif batch_offsets:
+                        position = batch_offsets[-1] + 1
+                    # Past the last message (control records of transactions end a range without data).
+                    position = max(position, end_of_partition)
+                    first = 0
+                    while first < len(batch_offsets):
+                        last = bisect.bisect_left(batch_offsets, windows[current].end, lo=first)
+                        pending_offsets.extend(batch_offsets[first:last])
+                        pending_values.extend([message.value() for message in batch[first:last]])
+                        if len(pending_offsets) >= COLUMN_CHUNK:
+                            flush_pending()
+                        if last == len(batch_offsets):
+                            break
+                        yield windows[current], completed_window()  # the batch goes on in the next window
+                        current, first = current + 1, last
+                while current < len(windows) and windows[current].end <= position:
+                    yield windows[current], completed_window()
+                    current += 1
 
     @staticmethod
     def _handle_errors(batch: list, offset_range: OffsetRange, position: int) -> int:

@@ -8,6 +8,7 @@ commit op needs nothing but the load's output.
 
 import json
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -19,7 +20,7 @@ from clickhouse_etl.core.backfill import plan_backfill
 from clickhouse_etl.core.failpoints import failpoint
 from clickhouse_etl.core.ranges import OffsetRange
 from clickhouse_etl.orchestration import tags
-from clickhouse_etl.orchestration.batch import Batch
+from clickhouse_etl.orchestration.batch import Batch, Windows
 from clickhouse_etl.orchestration.resources import (
     ClaimsResource,
     KafkaResource,
@@ -27,6 +28,7 @@ from clickhouse_etl.orchestration.resources import (
     PipelineTopics,
     PostgresResource,
     RunLimits,
+    RunScratch,
     WarehouseResource,
 )
 from clickhouse_etl.orchestration.run_records import committed_ranges
@@ -65,7 +67,11 @@ def _raw_dead_letters(raw: pl.DataFrame, rows: pl.DataFrame, reason: pl.Expr) ->
     retry_policy=DEPENDENCY_RETRY,
 )
 def read(
-    context: dg.OpExecutionContext, config: RangeConfig, kafka: KafkaResource, pipeline: PipelineResource
+    context: dg.OpExecutionContext,
+    config: RangeConfig,
+    kafka: KafkaResource,
+    pipeline: PipelineResource,
+    scratch: RunScratch,
 ) -> Batch:
     started = time.perf_counter()
     declared = pipeline.pipeline
@@ -77,14 +83,15 @@ def read(
     # Dagster's default run launcher cannot tell a live run worker from a killed one: record this process.
     context.instance.add_run_tags(context.run_id, tags.worker_tags(context.run_id))
     failpoint("before_read")
+    folder = scratch.folder if offset_range.size > loading.INSERT_WINDOW else None
+    reader = kafka.reader(declared.consumer_group)
     try:
-        raw = kafka.reader(declared.consumer_group).read_range(offset_range)
+        raw = Windows.write(folder, "raw", reader.read_windows(offset_range, loading.INSERT_WINDOW))
     except (OffsetGapError, OffsetRangeError) as error:
         # Retrying cannot bring offsets back or move a watermark: fail at once, with the reason.
         raise dg.Failure(description=str(error), allow_retries=False) from error
-    batch = Batch(offset_range, config.force, events=pl.DataFrame()).advance(
-        "read", started, raw, raw=raw, counts={"read": raw.height}
-    )
+    batch = Batch(offset_range, config.force, folder, events=raw, raw=raw, counts={"read": raw.height})
+    batch.seconds["read"] = time.perf_counter() - started
     _output_metadata(context, batch, "read")
     failpoint("after_read")
     return batch
@@ -93,15 +100,25 @@ def read(
 @dg.op(description="Decode JSON values into typed events; undecodable ones become dead letters with a reason.")
 def decode_events(context: dg.OpExecutionContext, batch: Batch, pipeline: PipelineResource) -> Batch:
     started = time.perf_counter()
-    decoded = decode.decode_events(batch.events, pipeline.pipeline.source)
+    source = pipeline.pipeline.source
+    dead_letters: list[tuple[OffsetRange, pl.DataFrame]] = []
+
+    def decode_window(window: OffsetRange, raw: pl.DataFrame) -> pl.DataFrame:
+        decoded = decode.decode_events(raw, source)
+        dead_letters.append((window, decoded.dead_letters))
+        return decoded.events
+
+    events = batch.events.map(batch.scratch, "decoded", decode_window)
+    malformed = Windows.write(batch.scratch, "malformed", dead_letters)
     out = batch.advance(
         "decode",
         started,
-        decoded.events,
-        dead_letters=batch.with_dead_letters(decoded.dead_letters),
-        counts={"malformed": decoded.dead_letters.height},
+        events,
+        dead_letters=batch.with_dead_letters(malformed),
+        counts={"malformed": malformed.height},
     )
-    _output_metadata(context, out, "decode", malformed=decoded.dead_letters.height)
+    _output_metadata(context, out, "decode", malformed=malformed.height)
+    batch.release(out)
     return out
 
 
@@ -114,19 +131,23 @@ def dedup_events(
 ) -> Batch:
     started = time.perf_counter()
     declared = pipeline.pipeline
-    events = batch.events
-    if declared.dedup is None:
-        kept = events
-    else:
+
+    # Window by window, in offset order: a key met again in a later window finds the claim of its first
+    # occurrence (a different position), exactly as if the range were one batch.
+    def kept_in_window(_: OffsetRange, events: pl.DataFrame) -> pl.DataFrame:
+        if declared.dedup is None:
+            return events
         key = declared.dedup.key
         candidates = events.filter(dedup.first_in_batch(events, key))
         positions = dedup.position_labels(candidates)
         keys = dedup.claim_keys(declared.dedup_key_prefix, declared.topic, dedup.dedup_keys(candidates, key))
         previous = claims.claim(keys, positions, declared.dedup.ttl_seconds)
-        kept = candidates.filter(dedup.kept_by_claims(positions, previous))
-    out = batch.advance("dedup", started, kept, counts={"duplicates": events.height - kept.height})
+        return candidates.filter(dedup.kept_by_claims(positions, previous))
+
+    kept = batch.events.map(batch.scratch, "unique", kept_in_window)
+    out = batch.advance("dedup", started, kept, counts={"duplicates": batch.events.height - kept.height})
     _output_metadata(context, out, "dedup", duplicates=out.counts["duplicates"])
-    batch.release()
+    batch.release(out)
     failpoint("after_dedup")
     return out
 
@@ -141,9 +162,7 @@ def enrich_events(
     started = time.perf_counter()
     declared = pipeline.pipeline
     key_types = {name: spec.field_type for name, spec in declared.source.fields.items()}
-    events, dead_letters = batch.events, batch.dead_letters
-    unmatched = dropped = 0
-    snapshots: dict[str, dict[str, str]] = {}
+    snapshots: dict[str, enrich.Snapshot] = {}
     for lookup in declared.enrich:
         read = postgres.read(declared, lookup)
         try:
@@ -154,76 +173,105 @@ def enrich_events(
             raise dg.Failure(str(error), allow_retries=False) from error
         if snapshot.source != "postgres":
             context.log.warning(f"enriching with the {snapshot.source}, version {snapshot.version}")
-        snapshots[lookup.name] = {"version": snapshot.version, "source": snapshot.source}
-        enriched = enrich.enrich_events(events, snapshot, lookup)
-        events = enriched.events
-        unmatched += enriched.unmatched.height
-        if lookup.missing == "drop":
-            dropped += enriched.unmatched.height
-        elif lookup.missing == "dead_letter" and enriched.unmatched.height:
-            reason = enrich.unmatched_reason(lookup, snapshot.version)
-            rows = enriched.unmatched.select("kafka_offset", reason.alias("reason"))
-            dead_letters += (_raw_dead_letters(batch.raw, rows, pl.col("reason")),)  # type: ignore[arg-type]
+        snapshots[lookup.name] = snapshot
+    unmatched = {"unmatched": 0, "dropped": 0}
+    dead_letters: list[tuple[OffsetRange, pl.DataFrame]] = []
+
+    def enrich_window(window: OffsetRange, events: pl.DataFrame) -> pl.DataFrame:
+        for lookup in declared.enrich:
+            snapshot = snapshots[lookup.name]
+            enriched = enrich.enrich_events(events, snapshot, lookup)
+            events = enriched.events
+            unmatched["unmatched"] += enriched.unmatched.height
+            if lookup.missing == "drop":
+                unmatched["dropped"] += enriched.unmatched.height
+            elif lookup.missing == "dead_letter" and enriched.unmatched.height:
+                reason = enrich.unmatched_reason(lookup, snapshot.version)
+                rows = enriched.unmatched.select("kafka_offset", reason.alias("reason"))
+                assert batch.raw is not None
+                dead_letters.append((window, _raw_dead_letters(batch.raw.window(window), rows, pl.col("reason"))))
+        return events
+
+    events = batch.events.map(batch.scratch, "enriched", enrich_window)
+    versions = {name: {"version": s.version, "source": s.source} for name, s in snapshots.items()}
     out = batch.advance(
         "enrich",
         started,
         events,
-        dead_letters=dead_letters,
-        counts={"unmatched": unmatched, "dropped": dropped},
-        facts={**batch.facts, "snapshots": snapshots},
+        dead_letters=batch.with_dead_letters(Windows.write(batch.scratch, "unmatched", dead_letters)),
+        counts=unmatched,
+        facts={**batch.facts, "snapshots": versions},
     )
     _output_metadata(
         context,
         out,
         "enrich",
-        unmatched=unmatched,
-        **{f"snapshot_version_{name}": s["version"] for name, s in snapshots.items()},
+        unmatched=unmatched["unmatched"],
+        **{f"snapshot_version_{name}": s["version"] for name, s in versions.items()},
     )
-    batch.release()
+    batch.release(out)
     return out
 
 
 @dg.op(description="Drop events from the configured networks or matching the configured SQL conditions.")
 def filter_events(context: dg.OpExecutionContext, batch: Batch, pipeline: PipelineResource) -> Batch:
     started = time.perf_counter()
-    dropped = filtering.dropped_mask(batch.events, pipeline.pipeline.filter)
-    kept = batch.events.filter(~dropped)
+    rules = pipeline.pipeline.filter
+    kept = batch.events.map(
+        batch.scratch, "filtered", lambda _, events: events.filter(~filtering.dropped_mask(events, rules))
+    )
     out = batch.advance("filter", started, kept, counts={"filtered": batch.events.height - kept.height})
     _output_metadata(context, out, "filter", filtered=out.counts["filtered"])
-    batch.release()
+    batch.release(out)
     return out
 
 
 @dg.op(description="Computed columns, the python step if any, and rows shaped for the sink table.")
 def transform_events(context: dg.OpExecutionContext, batch: Batch, pipeline: PipelineResource) -> Batch:
     started = time.perf_counter()
-    try:
-        shaped = transform.to_sink_rows(batch.events, pipeline.pipeline, pipeline.columns)
-    except transform.PythonStepError as error:
-        raise dg.Failure(str(error), allow_retries=False) from error
-    dead_letters = batch.dead_letters
-    if shaped.rejected.height:
-        dead_letters += (_raw_dead_letters(batch.raw, shaped.rejected.drop("kafka_partition"), pl.col("error")),)  # type: ignore[arg-type]
+    declared, columns = pipeline.pipeline, pipeline.columns
+    processed_at = datetime.now(UTC)  # one moment for the whole range
+    rejected: list[tuple[OffsetRange, pl.DataFrame]] = []
+    dropped_by_python = 0
+
+    def shape_window(window: OffsetRange, events: pl.DataFrame) -> pl.DataFrame:
+        nonlocal dropped_by_python
+        try:
+            shaped = transform.to_sink_rows(events, declared, columns, processed_at)
+        except transform.PythonStepError as error:
+            raise dg.Failure(str(error), allow_retries=False) from error
+        if shaped.rejected.height:
+            assert batch.raw is not None
+            reasons = shaped.rejected.drop("kafka_partition")
+            rejected.append((window, _raw_dead_letters(batch.raw.window(window), reasons, pl.col("error"))))
+        dropped_by_python += shaped.dropped_by_python
+        return shaped.rows
+
+    rows = batch.events.map(batch.scratch, "rows", shape_window)
     out = batch.advance(
         "transform",
         started,
-        shaped.rows,
+        rows,
         raw=None,  # no later stage dead-letters
-        dead_letters=dead_letters,
-        counts={"filtered": batch.counts["filtered"] + shaped.dropped_by_python},
+        dead_letters=batch.with_dead_letters(Windows.write(batch.scratch, "rejected", rejected)),
+        counts={"filtered": batch.counts["filtered"] + dropped_by_python},
     )
-    _output_metadata(context, out, "transform", rejected=shaped.rejected.height)
-    batch.release()
+    _output_metadata(context, out, "transform", rejected=sum(frame.height for _, frame in rejected))
+    batch.release(out)
     return out
 
 
 @dg.op(description="Partial aggregates of this range per window and group, for each declared aggregate.")
 def aggregate_windows(context: dg.OpExecutionContext, batch: Batch, pipeline: PipelineResource) -> Batch:
     started = time.perf_counter()
+    per_window: dict[str, list[pl.DataFrame]] = {c.aggregate.partials: [] for c in pipeline.columns.aggregates}
+    for _, rows in batch.events:
+        for columns in pipeline.columns.aggregates:
+            per_window[columns.aggregate.partials].append(aggregate.window_partials(rows, columns, batch.offset_range))
     partials: dict[str, pl.DataFrame] = {}
     windows: dict[str, list[str]] = {}
     for columns in pipeline.columns.aggregates:
-        frame = aggregate.window_partials(batch.events, columns, batch.offset_range)
+        frame = aggregate.merged_partials(per_window[columns.aggregate.partials], columns)
         partials[columns.aggregate.partials] = frame
         touched = aggregate.windows_touched(frame, columns.window_column)
         if touched is not None:
@@ -245,22 +293,25 @@ def load(
     started = time.perf_counter()
     declared = pipeline.pipeline
     r = batch.offset_range
-    dead_letters = (
-        pl.concat(batch.dead_letters).sort("kafka_offset")
-        if batch.dead_letters
-        else pl.DataFrame(schema=decode.DEAD_LETTER_SCHEMA)
-    )
-    dead_letter_rows = dead_letters.select(
-        pl.lit(r.topic).alias("kafka_topic"),
-        "kafka_partition",
-        "kafka_offset",
-        "raw_value",
-        "error",
-        pl.lit(datetime.now(UTC)).cast(pl.Datetime("ms", "UTC")).alias("failed_at"),
-    )
-    tables = loading.RangeTables(
-        declared.sink.table, batch.events, declared.sink.dead_letters, dead_letter_rows, batch.partials
-    )
+    failed_at = datetime.now(UTC)
+
+    def windows() -> Iterator[loading.WindowRows]:
+        for window, rows in batch.events:
+            parts = [frames.window(window) for frames in batch.dead_letters]
+            dead_letters = (
+                pl.concat(parts).sort("kafka_offset") if parts else pl.DataFrame(schema=decode.DEAD_LETTER_SCHEMA)
+            )
+            dead_letter_rows = dead_letters.select(
+                pl.lit(r.topic).alias("kafka_topic"),
+                "kafka_partition",
+                "kafka_offset",
+                "raw_value",
+                "error",
+                pl.lit(failed_at).cast(pl.Datetime("ms", "UTC")).alias("failed_at"),
+            )
+            yield loading.WindowRows(window, rows, dead_letter_rows)
+
+    tables = loading.RangeTables(declared.sink.table, declared.sink.dead_letters, windows, batch.partials)
     # A forced reload is one replacement per attempt: a retried attempt deletes and inserts again.
     force_token = f"force-{context.run_id}-{context.retry_number}" if batch.force else None
     with warehouse.session() as client:
@@ -268,12 +319,13 @@ def load(
         failpoint("during_load")
         loaded = loading.load_range(client, warehouse.database, r, tables, force_token)
         failpoint("after_load")
+    sizes = {t.table: t.rows for t in loaded}
     out = batch.advance(
         "load",
         started,
-        batch.events.clear(),
+        Windows(()),
         tables=loaded,
-        counts={"loaded": batch.events.height, "dead_lettered": dead_letter_rows.height},
+        counts={"loaded": batch.events.height, "dead_lettered": sizes.get(declared.sink.dead_letters, 0)},
         partials={},
         dead_letters=(),
     )
@@ -284,7 +336,7 @@ def load(
             "seconds": round(out.seconds["load"], 4),
         }
     )
-    batch.release()
+    batch.release(out)
     return out
 
 

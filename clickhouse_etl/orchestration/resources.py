@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -17,7 +19,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 from clickhouse_connect.driver.client import Client
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from clickhouse_etl.clients import claims
 from clickhouse_etl.clients.clickhouse import clickhouse_session
@@ -25,8 +27,11 @@ from clickhouse_etl.clients.kafka import KafkaReader
 from clickhouse_etl.clients.postgres import SnapshotRead, read_snapshot
 from clickhouse_etl.core.pipeline.columns import PipelineColumns, columns_of
 from clickhouse_etl.core.pipeline.model import Lookup, Pipeline
+from clickhouse_etl.core.processes import process_alive
 from clickhouse_etl.core.settings import Settings
 from clickhouse_etl.steps.schema import ensure_tables
+
+SCRATCH_PREFIX = "clickhouse-etl-run-"
 
 
 class KafkaResource(dg.ConfigurableResource):
@@ -101,6 +106,31 @@ def _parsed(spec: str) -> Pipeline:
     return Pipeline.model_validate_json(spec)
 
 
+class RunScratch(dg.ConfigurableResource):
+    """A folder of the run's own for the windows of its frames (see orchestration.batch), removed when the run
+    ends. Folders that killed runs left behind are removed by the next run on the machine."""
+
+    parent: str = Field(default="", description="Where run folders go (default: the system's temporary folder)")
+    _folder: Path | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        parent = Path(self.parent or tempfile.gettempdir())
+        for left_behind in parent.glob(f"{SCRATCH_PREFIX}*"):
+            pid = left_behind.name.removeprefix(SCRATCH_PREFIX).split("-")[0]
+            if pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(left_behind, ignore_errors=True)
+        self._folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent))
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+    @property
+    def folder(self) -> Path:
+        assert self._folder is not None, "the run's scratch folder exists only while the run executes"
+        return self._folder
+
+
 class PipelineResource(dg.ConfigurableResource):
     """The pipeline a job runs, as declared in its file (resolved): every op reads its section from it."""
 
@@ -143,4 +173,5 @@ def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableReso
             lock_timeout_seconds=settings.clickhouse_lock_timeout_seconds,
         ),
         "limits": RunLimits(max_records_per_run=settings.max_records_per_run),
+        "scratch": RunScratch(),
     }

@@ -24,6 +24,7 @@ from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import unpack_value
 from dagster_celery.tasks import TASK_EXECUTE_JOB_NAME
 
+from clickhouse_etl.core.collector import freeze_startup_objects
 from clickhouse_etl.orchestration.launcher import launcher_app
 
 
@@ -40,6 +41,7 @@ def _warm_up(**_: object) -> None:
     import clickhouse_etl.orchestration.definitions  # noqa: F401
 
     worker_instance()
+    freeze_startup_objects()
 
 
 def execute_run(_task: object, execute_job_args_packed: str) -> int:

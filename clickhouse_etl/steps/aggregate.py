@@ -47,6 +47,40 @@ def window_partials(rows: pl.DataFrame, aggregate: AggregateColumns, offset_rang
     )
 
 
+def _merged_state(aggregate: AggregateColumns, name: str) -> pl.Expr:
+    """The state of a group over several partials of it: what `_state` gives over all their rows."""
+    function = aggregate.aggregate.measures[name].function
+    state = aggregate.states[name]
+    column = pl.col(state.name)
+    if function == "count":
+        return column.sum().cast(pl.UInt64).alias(state.name)
+    if function == "count_distinct":
+        return column.explode().drop_nulls().unique().sort().alias(state.name)
+    value = {"sum": column.sum(), "min": column.min(), "max": column.max()}[function]
+    return pl.when(column.count() > 0).then(value).cast(state.dtype).alias(state.name)
+
+
+def merged_partials(partials: list[pl.DataFrame], aggregate: AggregateColumns) -> pl.DataFrame:
+    """Partials of consecutive parts of one range merged into the range's own, exactly as `window_partials`
+    over all their rows would give them."""
+    if len(partials) == 1:
+        return partials[0]
+    keys = [aggregate.window_column, *(column.name for column in aggregate.group_by)]
+    columns = [column.name for column in aggregate.partials_columns()]
+    first = partials[0]
+    return (
+        pl.concat(partials)
+        .group_by(keys)
+        .agg(
+            [_merged_state(aggregate, name) for name in aggregate.aggregate.measures]
+            + [pl.col(name).first() for name in ("kafka_topic", "kafka_partition", "range_start", "range_end")]
+        )
+        .sort(keys, nulls_last=True)
+        .select(columns)
+        .cast(dict(first.schema))  # type: ignore[arg-type]
+    )
+
+
 def windows_touched(partials: pl.DataFrame, window_column: str) -> tuple[str, str] | None:
     """First and last window of a range's partials (the per-run aggregate check reads these windows)."""
     if partials.is_empty():

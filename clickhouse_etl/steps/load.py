@@ -14,7 +14,7 @@ a token of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -22,7 +22,7 @@ import polars as pl
 from clickhouse_connect.driver.client import Client
 
 from clickhouse_etl.core.pipeline.ddl import COMMENT_KEY, LOADS, MARKED
-from clickhouse_etl.core.ranges import OffsetRange, split_range
+from clickhouse_etl.core.ranges import OffsetRange
 
 # An insert unit: at most this many offsets of a range, written as one block.
 INSERT_WINDOW = 250_000
@@ -35,13 +35,22 @@ SINGLE_BLOCK = {
 
 
 @dataclass(frozen=True)
+class WindowRows:
+    """One insert window of a range: its sink rows and its dead letters."""
+
+    window: OffsetRange
+    rows: pl.DataFrame
+    dead_letters: pl.DataFrame
+
+
+@dataclass(frozen=True)
 class RangeTables:
-    """What one range writes: its sink rows, its dead letters, and each aggregate's partials by table."""
+    """What one range writes: per insert window its sink rows and dead letters (produced one window at a time,
+    so a range's rows are never all in memory), and each aggregate's partials by table."""
 
     sink_table: str
-    rows: pl.DataFrame
     dead_letter_table: str
-    dead_letters: pl.DataFrame
+    windows: Callable[[], Iterable[WindowRows]]  # the range's windows in order, each made when reached
     partials: dict[str, pl.DataFrame]
 
 
@@ -60,20 +69,24 @@ class Unit:
     partials: bool  # a partials table: its rows carry range_start/range_end instead of offsets
 
 
-def units_of(offset_range: OffsetRange, tables: RangeTables) -> list[Unit]:
-    """Dead letters, then sink rows, per window of offsets; then each aggregate's partials for the range.
+def units_of(offset_range: OffsetRange, tables: RangeTables) -> Iterator[Unit]:
+    """Per insert window its dead letters, then its sink rows; then each aggregate's partials for the range.
 
-    Windows are fixed by offsets, not by rows, so a replay cuts them the same way and finds each one
-    present or absent as a whole; an insert's memory stays bounded whatever the range size.
+    Windows are fixed by offsets (INSERT_WINDOW from the range's start), not by rows, so a replay cuts them the
+    same way and finds each one present or absent as a whole; an insert's memory stays bounded whatever the
+    range size.
     """
-    units = []
-    r = offset_range
-    for table, rows in ((tables.dead_letter_table, tables.dead_letters), (tables.sink_table, tables.rows)):
-        for window in split_range(r.topic, r.partition, r.start, r.end, INSERT_WINDOW):
-            in_window = rows.filter(pl.col("kafka_offset").is_between(window.start, window.end, closed="left"))
-            units.append(Unit(table, window, in_window, partials=False))
-    units += [Unit(table, r, partials, partials=True) for table, partials in tables.partials.items()]
-    return units
+    for window in tables.windows():
+        assert window.window.size <= INSERT_WINDOW, window.window
+        yield Unit(tables.dead_letter_table, window.window, window.dead_letters, partials=False)
+        yield Unit(tables.sink_table, window.window, window.rows, partials=False)
+    for table, partials in tables.partials.items():
+        yield Unit(table, offset_range, partials, partials=True)
+
+
+def unit_tables(tables: RangeTables) -> list[str]:
+    """The tables a range's units write, in order."""
+    return [tables.dead_letter_table, tables.sink_table, *tables.partials]
 
 
 def _range_condition(offset_range: OffsetRange, partials: bool) -> tuple[str, dict[str, object]]:
@@ -166,8 +179,7 @@ def load_range(
     force_token: str | None = None,
 ) -> list[TableLoad]:
     """Every unit of the range not loaded yet, then their markers; `force_token` replaces the range instead."""
-    units = units_of(offset_range, tables)
-    names = list(dict.fromkeys(unit.table for unit in units))
+    names = unit_tables(tables)
     suffix = "" if force_token is None else f"/{force_token}"
     if force_token is not None:
         for name in names:
@@ -185,8 +197,10 @@ def load_range(
     else:
         markers = loaded_units(client, database, offset_range, names)
     inserted: dict[str, bool] = dict.fromkeys(names, False)
+    sizes = dict.fromkeys(names, 0)
     new_markers = []
-    for unit in units:
+    for unit in units_of(offset_range, tables):
+        sizes[unit.table] += unit.rows.height
         if force_token is None:
             overlapping = any(
                 start < unit.window.end and end > unit.window.start for start, end in markers.get(unit.table, [])
@@ -213,7 +227,4 @@ def load_range(
             }
         )
         _insert(client, database, LOADS.name, rows, offset_range.insert_token(LOADS.name, suffix))
-    sizes = {name: 0 for name in names}
-    for unit in units:
-        sizes[unit.table] += unit.rows.height
     return [TableLoad(name, sizes[name], inserted[name]) for name in names]

@@ -16,6 +16,7 @@ import dagster as dg
 from dagster._core.instance.ref import InstanceRef
 
 from clickhouse_etl.clients.kafka import KafkaReader
+from clickhouse_etl.core.collector import freeze_startup_objects
 from clickhouse_etl.core.pipeline.model import Pipeline
 from clickhouse_etl.core.ranges import OffsetRange, split_range
 from clickhouse_etl.core.settings import Settings
@@ -155,6 +156,7 @@ def catch_up(
     for offset_range in ranges:
         by_partition.setdefault(offset_range.partition, []).append(offset_range)
     job = ingest_job(settings, pipeline)
+    freeze_startup_objects()
     if settings.catch_up_workers <= 1 or len(by_partition) <= 1:
         return run_ranges(job, instance, ranges, CATCH_UP_TAGS, echo=echo)
     return _run_partitions_in_parallel(job, settings, pipeline, instance, list(by_partition.values()), echo)
@@ -231,6 +233,7 @@ def _run_partition(
 ) -> CatchUpReport:
     job = ingest_job(settings, pipeline)
     with dg.DagsterInstance.from_ref(instance_ref) as instance:
+        freeze_startup_objects()
         return run_ranges(job, instance, ranges, CATCH_UP_TAGS)
 
 

@@ -17,7 +17,7 @@ from clickhouse_etl.core.pipeline.columns import AggregateColumns, columns_of
 from clickhouse_etl.core.pipeline.loading import LoadedPipeline, dump_pipeline, load_pipeline_file, load_pipelines
 from clickhouse_etl.core.pipeline.model import Pipeline
 from clickhouse_etl.core.ranges import OffsetRange
-from clickhouse_etl.steps.aggregate import window_partials, windows_touched
+from clickhouse_etl.steps.aggregate import merged_partials, window_partials, windows_touched
 from clickhouse_etl.steps.transform import to_sink_rows
 
 AD_CLICKS = load_pipelines("ad_clicks", environment={})[0].pipeline
@@ -527,3 +527,42 @@ def test_merging_minute_partials_of_several_ranges_into_hours_and_days_equals_ag
     # summing per-range distinct counts would overcount the distinct endpoints
     summed = sum(len(e) for e in partials["distinct_endpoints"].to_list())
     assert summed > sum(len(endpoints) for _, _, endpoints, _ in merged.values())
+
+
+def nullable_usage_rows(rng: random.Random, n: int) -> pl.DataFrame:
+    """Rows with what the api_usage aggregate reads: some tokens and latencies null, a few late events."""
+    base = 1_700_000_000_000
+    return pl.DataFrame(
+        {
+            "event_time": [as_datetime(base + rng.randrange(0, 5 * MINUTE_MS)) for _ in range(n)],
+            "customer_id": [f"c{rng.randrange(4)}" for _ in range(n)],
+            "plan": [rng.choice(["free", "pro", None]) for _ in range(n)],
+            "tokens": [rng.choice([None, rng.randrange(1, 500)]) for _ in range(n)],
+            "endpoint": [rng.choice(["/a", "/b", "/c", None]) for _ in range(n)],
+            "latency_ms": [rng.choice([None, rng.random() * 900]) for _ in range(n)],
+        },
+        schema={
+            "event_time": MS,
+            "customer_id": pl.String,
+            "plan": pl.String,
+            "tokens": pl.Int64,
+            "endpoint": pl.String,
+            "latency_ms": pl.Float64,
+        },
+    )
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 7])
+def test_partials_of_a_range_merged_from_its_windows_equal_the_whole_ranges(pieces: int) -> None:
+    """A run aggregates its range window by window: merged, that is exactly the range's partials — for a
+    count, a distinct count, a sum and a maximum, NULLs and empty groups included."""
+    rng = random.Random(pieces)
+    offset_range = OffsetRange("t", 0, 0, 4_000)
+    for rows, columns in (
+        (enriched(random_rows(rng, 4_000)), CAMPAIGN_STATS),
+        (nullable_usage_rows(rng, 4_000), CUSTOMER_USAGE),
+    ):
+        cuts = sorted(rng.sample(range(1, rows.height), pieces - 1))
+        parts = [rows.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, rows.height], strict=True)]
+        merged = merged_partials([window_partials(part, columns, offset_range) for part in parts], columns)
+        assert merged.equals(window_partials(rows, columns, offset_range), null_equal=True)

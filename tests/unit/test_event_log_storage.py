@@ -73,9 +73,7 @@ def test_an_installed_instance_opens_from_its_folder_alone(tmp_path: Path, monke
     assert (Path(home) / "history" / "runs" / f"{run.run_id}.db").exists()
 
 
-def test_new_run_databases_are_copies_of_one_initialized_template(
-    instance: dg.DagsterInstance, tmp_path: Path
-) -> None:
+def test_new_run_databases_are_copies_of_one_initialized_template(instance: dg.DagsterInstance, tmp_path: Path) -> None:
     runs = [instance.add_run(DagsterRun(job_name="j", run_id=make_new_run_id())) for _ in range(3)]
     for run in runs:
         instance.report_engine_event("started", run)
