@@ -50,17 +50,25 @@ def event_schema(source: Source) -> dict[str, pl.DataType]:
     }
 
 
-def _parse_chunk(values: list[bytes], text_schema: dict[str, pl.DataType]) -> pl.DataFrame | None:
+def _ndjson(values: pl.Series) -> bytes:
+    """The values as NDJSON lines, joined by polars (no Python object per value) when all are UTF-8."""
+    text = values.cast(pl.String, strict=False)
+    if text.null_count() == values.null_count():
+        return text.str.join("\n").cast(pl.Binary).item() or b""
+    return b"\n".join(values.to_list())  # the same bytes; invalid UTF-8 is then the parser's to reject
+
+
+def _parse_chunk(values: pl.Series, text_schema: dict[str, pl.DataType]) -> pl.DataFrame | None:
     """All-text columns for `values`, or None if polars cannot parse them as one NDJSON chunk."""
     try:
-        parsed = pl.read_ndjson(b"\n".join(values), schema=text_schema)
+        parsed = pl.read_ndjson(_ndjson(values), schema=text_schema)
     except Exception:
         return None
-    return parsed if parsed.height == len(values) else None
+    return parsed if parsed.height == values.len() else None
 
 
 def _parse_alone(value: bytes, text_schema: dict[str, pl.DataType]) -> tuple[dict[str, str | None] | None, str | None]:
-    parsed = _parse_chunk([value], text_schema)
+    parsed = _parse_chunk(pl.Series([value], dtype=pl.Binary), text_schema)
     if parsed is not None:
         return parsed.row(0, named=True), None
     try:
@@ -97,7 +105,7 @@ def _parse_values(values: pl.Series, looks_like_object: pl.Series, text_schema: 
         single_errors.append(error)
 
     def narrow(indexes: list[int], prescreen: bool) -> None:
-        parsed = _parse_chunk(values.gather(indexes).to_list(), text_schema)
+        parsed = _parse_chunk(values.gather(indexes), text_schema)
         if parsed is not None:
             pieces.append(parsed.with_columns(index=pl.Series(indexes, dtype=pl.UInt32)))
         elif len(indexes) == 1:
