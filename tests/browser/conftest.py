@@ -16,18 +16,22 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster_celery.tags import DAGSTER_CELERY_TASK_ID_TAG as CELERY_TASK_ID
 from integration.conftest import AD_CLICKS, API_USAGE, TEST_PORT_OFFSET, TEST_PORTS, configure, fresh_stack, new_topic
 from integration.helpers import CLI, cli_env, free_port, produce
 from playwright.sync_api import Page, expect, sync_playwright
 
+from clickhouse_etl.core.pipeline.model import Pipeline
 from clickhouse_etl.core.settings import Settings
 from clickhouse_etl.dev import stack
 from clickhouse_etl.dev.datasets import DATASETS
-from clickhouse_etl.orchestration import tags
+from clickhouse_etl.orchestration import run_records, tags
+from clickhouse_etl.tools.catchup import kafka_reader
 from clickhouse_etl.tools.processes import stop_process_group
 
 from .ui import DagsterUI, IngestedData, saved_screenshots, screenshots_folder
@@ -53,6 +57,8 @@ DAGSTER_START_TIMEOUT_SECONDS = 180.0
 # Enough events and small enough ranges for a dozen runs: the asset plots need several points.
 EVENTS = 1_800
 RECORDS_PER_RUN = 150
+# The sensors plan the produced events, and the run workers execute some twenty runs.
+INGEST_TIMEOUT_SECONDS = 240.0
 
 
 @pytest.fixture(scope="module")
@@ -67,38 +73,67 @@ def browser_stack() -> Iterator[Settings]:
     stack.stack_down(settings, echo=print)
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """Both packaged pipelines on topics of their own, and the Dagster home `clickhouse-etl dev` uses."""
+
+    settings: Settings
+    dagster_home: Path
+    clicks: Pipeline
+    usage: Pipeline
+
+
 @pytest.fixture(scope="module")
-def ingested(browser_stack: Settings) -> IngestedData:
-    """Real events of both pipelines through their jobs: `clickhouse-etl catch-up` records every run."""
+def deployment(browser_stack: Settings) -> Deployment:
     clicks = AD_CLICKS.with_topic(new_topic(browser_stack, "browser_clicks"))
     usage = API_USAGE.with_topic(new_topic(browser_stack, "browser_usage"))
     small = browser_stack.model_copy(update={"max_records_per_run": RECORDS_PER_RUN})
     settings = configure(small, [clicks, usage], browser_stack.data_dir / f"pipelines-{uuid.uuid4().hex[:6]}")
-    produce(settings, clicks, EVENTS)
-    produce(settings, usage, EVENTS // 3)
     # The data folder's own home: the command line keeps the project's dagster.yaml in it.
-    dagster_home = settings.data_dir / "dagster"
-    caught_up = subprocess.run(
-        [*CLI, "catch-up"], env=cli_env(settings, str(dagster_home)), capture_output=True, text=True, timeout=300
-    )
-    assert caught_up.returncode == 0, caught_up.stdout + caught_up.stderr
+    return Deployment(settings, settings.data_dir / "dagster", clicks, usage)
 
+
+def _caught_up(instance: dg.DagsterInstance, deployment: Deployment, highs: dict[str, dict[int, int]]) -> bool:
+    for pipeline in (deployment.clicks, deployment.usage):
+        ledger = run_records.read_ledger(instance, pipeline.job_name, pipeline.topic)
+        if any(p not in ledger or ledger[p].committed_end != high for p, high in highs[pipeline.topic].items()):
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def ingested(deployment: Deployment, dagster_ui: DagsterUI) -> IngestedData:
+    """Real events of both pipelines, run by the sensors of `clickhouse-etl dev` on its run workers."""
+    settings, clicks = deployment.settings, deployment.clicks
+    produce(settings, clicks, EVENTS)
+    produce(settings, deployment.usage, EVENTS // 3)
+    reader = kafka_reader(settings)
+    highs = {
+        pipeline.topic: {p: high for p, (_, high) in reader.watermarks(pipeline.topic).items()}
+        for pipeline in (clicks, deployment.usage)
+    }
     enriched_key = dg.AssetKey(["clickhouse", clicks.sink.table])
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        # Newest first. A run catch-up had to retry would be recorded too, as failed: ask for successes.
+    with dg.DagsterInstance.from_config(str(deployment.dagster_home)) as instance:
+        deadline = time.monotonic() + INGEST_TIMEOUT_SECONDS
+        while not _caught_up(instance, deployment, highs):
+            assert time.monotonic() < deadline, "the sensors' runs did not load every produced event in time"
+            time.sleep(1)
+        # Newest first. A run retried would be recorded too, as failed: ask for successes.
         runs = instance.get_runs(
             filters=dg.RunsFilter(
                 job_name=clicks.job_name, tags={tags.TOPIC: clicks.topic}, statuses=[dg.DagsterRunStatus.SUCCESS]
             )
         )
-        assert runs, "catch-up recorded no successful run"
+        assert runs, "the sensor recorded no successful run"
+        # Every run went to a run worker (dagster-celery's task id), none was executed in another process.
+        assert all(CELERY_TASK_ID in run.tags for run in runs)
         materializations = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=enriched_key), limit=100)
     assert len(materializations.records) >= 6, "too few materializations for a plot with several points"
     latest = materializations.records[0].asset_materialization
     assert latest is not None
     return IngestedData(
         settings=settings,
-        dagster_home=dagster_home,
+        dagster_home=deployment.dagster_home,
         latest_run_id=runs[0].run_id,
         latest_run_tags=dict(runs[0].tags),
         latest_enriched_metadata={
@@ -158,14 +193,14 @@ def _wait_for_code_location(base_url: str, process: subprocess.Popen, log_path: 
 
 
 @pytest.fixture(scope="module")
-def dagster_ui(ingested: IngestedData, screenshots_dir: Path) -> Iterator[DagsterUI]:
-    """`clickhouse-etl dev` on a free port, with the instance catch-up wrote and the same settings."""
+def dagster_ui(deployment: Deployment, screenshots_dir: Path) -> Iterator[DagsterUI]:
+    """`clickhouse-etl dev` on a free port: webserver, daemon with both pipelines' sensors, and run workers."""
     port = free_port()
     log_path = screenshots_dir / "dagster-dev.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [*CLI, "dev", "--host", "127.0.0.1", "--port", str(port)],
-            env=cli_env(ingested.settings, str(ingested.dagster_home)),
+            env=cli_env(deployment.settings, str(deployment.dagster_home)),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so teardown reaches every process it starts

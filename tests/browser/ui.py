@@ -18,7 +18,7 @@ saved_screenshots: list[Path] = []
 
 @dataclass(frozen=True)
 class IngestedData:
-    """What catch-up recorded in the Dagster instance, read back from it to compare with what the UI shows."""
+    """What the runs recorded in the Dagster instance, read back from it to compare with what the UI shows."""
 
     settings: Settings
     dagster_home: Path
