@@ -258,6 +258,7 @@ def worker_command(settings: Settings, concurrency: int, name: str, verbose: boo
         sys.executable,
         "-m",
         "celery",
+        *([] if verbose else ["--quiet"]),  # no start-up banner
         "--app",
         "clickhouse_etl.orchestration.workers",
         "worker",
