@@ -2,45 +2,48 @@
 
 The commands of a whole batch are built column-wise with polars and streamed on one connection while the
 replies are parsed by hiredis, so Python does no per-id work and Redis does one plain SET per id (no script).
-Every key is a separate command, so the same stream works against any single Redis node.
+Every key is a separate command, so the same stream works against one Redis server or, split by hash slot,
+against the nodes of a Redis Cluster (`redis+cluster://host:port,host:port`, see
+clickhouse_etl.clients.redis_cluster).
+
+A claim that is sent twice answers the second time with its own position, which the dedup step keeps: so a
+batch whose connection broke, or that met a Redis loading its dataset after a restart, is simply sent again
+(with backoff, for at most `claims_wait_seconds`) before the call gives up with ClaimsUnavailable.
 """
 
 from __future__ import annotations
 
-import socket
-import ssl
-import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from collections.abc import Iterator
 
-import hiredis
+import numpy as np
 import polars as pl
 
+from clickhouse_etl.clients import redis_cluster
+from clickhouse_etl.clients.redis_resp import (
+    ClaimsUnavailable,
+    Patience,
+    RedisAddress,
+    RespConnection,
+    TransientRedisError,
+    owners_of,
+    raise_for_error,
+)
+
+__all__ = ["ClaimsUnavailable", "claim", "claim_commands", "command_chunks"]
+
 CHUNK = 100_000
+ASKING = "*1\r\n$6\r\nASKING\r\n"
 
 
-class ClaimsUnavailable(RuntimeError):
-    """Redis could not be reached or answered with an error: the claims are not known (fail closed)."""
-
-
-def _bulk(text: str) -> bytes:
-    data = text.encode()
-    return b"$%d\r\n%s\r\n" % (len(data), data)
-
-
-def _command(*parts: str) -> bytes:
-    return b"*%d\r\n" % len(parts) + b"".join(_bulk(part) for part in parts)
-
-
-def claim_commands(keys: pl.Series, positions: pl.Series, ttl_seconds: int) -> bytes:
-    """The RESP bytes of `SET key position NX GET EX ttl` for every (key, position)."""
+def claim_commands(keys: pl.Series, positions: pl.Series, ttl_seconds: int, asking: bool = False) -> bytes:
+    """The RESP bytes of `SET key position NX GET EX ttl` for every (key, position), each after an `ASKING`
+    when `asking` (a cluster node importing the slot accepts the key only then)."""
     tail = f"\r\n$2\r\nNX\r\n$3\r\nGET\r\n$2\r\nEX\r\n${len(str(ttl_seconds))}\r\n{ttl_seconds}\r\n"
     frame = pl.DataFrame({"key": keys, "position": positions})
     commands = frame.select(
         pl.concat_str(
             [
-                pl.lit("*7\r\n$3\r\nSET\r\n$"),
+                pl.lit(f"{ASKING if asking else ''}*7\r\n$3\r\nSET\r\n$"),
                 pl.col("key").str.len_bytes().cast(pl.String),
                 pl.lit("\r\n"),
                 pl.col("key"),
@@ -55,110 +58,42 @@ def claim_commands(keys: pl.Series, positions: pl.Series, ttl_seconds: int) -> b
     return commands.encode() if commands else b""
 
 
-@dataclass(frozen=True)
-class RedisAddress:
-    host: str
-    port: int
-    db: int
-    username: str | None
-    password: str | None
-    tls: bool
-    unix_path: str | None
-
-    @classmethod
-    def parse(cls, url: str) -> RedisAddress:
-        parts = urlsplit(url)
-        db = int(parts.path.lstrip("/") or 0) if parts.scheme != "unix" else 0
-        return cls(
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or 6379,
-            db=db,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            tls=parts.scheme == "rediss",
-            unix_path=parts.path if parts.scheme == "unix" else None,
-        )
+def command_chunks(keys: pl.Series, positions: pl.Series, ttl_seconds: int, asking: bool = False) -> Iterator[bytes]:
+    """The commands in chunks, built while earlier ones are being sent (memory stays at one chunk)."""
+    for first in range(0, keys.len(), CHUNK):
+        yield claim_commands(keys.slice(first, CHUNK), positions.slice(first, CHUNK), ttl_seconds, asking)
 
 
-class ClaimConnection:
-    """One connection that streams claim commands and reads their replies."""
+def claim(
+    url: str, keys: pl.Series, positions: pl.Series, ttl_seconds: int, wait_seconds: float
+) -> pl.Series:
+    """The previous owner of each key (null where this call made the claim).
 
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
-        address = RedisAddress.parse(url)
-        try:
-            if address.unix_path:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.settimeout(timeout)
-                self.sock.connect(address.unix_path)
-            else:
-                self.sock = socket.create_connection((address.host, address.port), timeout=timeout)
-                if address.tls:
-                    self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=address.host)
-        except OSError as error:
-            raise ClaimsUnavailable(f"Redis at {address.host}:{address.port} is unreachable: {error}") from error
-        setup = []
-        if address.password:
-            setup.append(_command("AUTH", *([address.username] if address.username else []), address.password))
-        if address.db:
-            setup.append(_command("SELECT", str(address.db)))
-        if setup:
-            for reply in self.exchange(b"".join(setup), len(setup)):
-                if reply != b"OK":
-                    raise ClaimsUnavailable(f"Redis refused the connection set-up: {reply!r}")
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> ClaimConnection:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def exchange(self, commands: bytes | Iterable[bytes], expected: int) -> list[bytes | None]:
-        """Send the commands (bytes, or chunks built lazily while sending) and read `expected` replies."""
-        chunks = [commands] if isinstance(commands, bytes) else commands
-        send_error: list[BaseException] = []
-
-        def send() -> None:
-            try:
-                for chunk in chunks:
-                    self.sock.sendall(chunk)
-            except BaseException as error:  # surfaced by the reader below
-                send_error.append(error)
-
-        # Replies are read while commands are still being sent, so neither side's buffer fills up.
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        reader = hiredis.Reader()
-        replies: list[bytes | None] = []
-        try:
-            while len(replies) < expected:
-                data = self.sock.recv(1 << 20)
-                if not data:
-                    raise ClaimsUnavailable("Redis closed the connection during the claims")
-                reader.feed(data)
-                while (reply := reader.gets()) is not False:
-                    if isinstance(reply, hiredis.ReplyError):
-                        raise ClaimsUnavailable(f"Redis answered an error: {reply}")
-                    replies.append(reply)
-        except OSError as error:
-            raise ClaimsUnavailable(f"Redis failed during the claims: {error}") from error
-        finally:
-            sender.join(timeout=5)
-        if send_error:
-            raise ClaimsUnavailable(f"sending claims to Redis failed: {send_error[0]}")
-        return replies
-
-
-def claim(url: str, keys: pl.Series, positions: pl.Series, ttl_seconds: int) -> pl.Series:
-    """The previous owner of each key (null where this call made the claim)."""
+    A transient outage (connection refused or lost, LOADING, a cluster failing over) is waited out for
+    `wait_seconds` (default: the `claims_wait_seconds` setting); then, or at once for any other error,
+    ClaimsUnavailable.
+    """
     if keys.len() == 0:
         return pl.Series("owner", [], dtype=pl.String)
-    chunks = (
-        claim_commands(keys.slice(first, CHUNK), positions.slice(first, CHUNK), ttl_seconds)
-        for first in range(0, keys.len(), CHUNK)
-    )
-    with ClaimConnection(url) as connection:
-        replies = connection.exchange(chunks, keys.len())
-    return pl.Series("owner", replies, dtype=pl.Binary).cast(pl.String)
+    patience = Patience(wait_seconds)
+    if redis_cluster.is_cluster_url(url):
+
+        def commands_for(indices: np.ndarray, asking: bool) -> Iterator[bytes]:
+            return command_chunks(keys.gather(indices), positions.gather(indices), ttl_seconds, asking)
+
+        return redis_cluster.send_by_slot(url, keys, commands_for, patience).cast(pl.String)
+    address = RedisAddress.parse(url)
+    while True:
+        try:
+            return _claim_on_server(address, keys, positions, ttl_seconds).cast(pl.String)
+        except TransientRedisError as error:
+            patience.pause(error)
+
+
+def _claim_on_server(address: RedisAddress, keys: pl.Series, positions: pl.Series, ttl_seconds: int) -> pl.Series:
+    with RespConnection(address) as connection:
+        replies = connection.exchange(command_chunks(keys, positions, ttl_seconds), keys.len())
+    owners, errors = owners_of(replies)
+    if errors:
+        raise_for_error(errors[0][1], f"at {address.label}")
+    return owners

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -25,6 +25,7 @@ from clickhouse_etl.core.pipeline.loading import DEFAULT_PIPELINES
 
 ENV_PREFIX = "CLICKHOUSE_ETL_"
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")  # REDIS_URL naming a Redis Cluster by seed nodes
 
 # Connection fields read from their conventional variable names, not from the CLICKHOUSE_ETL_ prefix.
 CONNECTION_VARIABLES = {
@@ -117,6 +118,13 @@ class Settings(BaseSettings):
     clickhouse_lock_timeout_seconds: float = Field(
         default=300.0, gt=0, description="How long to wait for the embedded ClickHouse store held elsewhere"
     )
+    # A restarted Redis refuses connections, then answers LOADING while it reads its append-only file (1.5 to
+    # 4.5 s per million claims here): a claim call waits that out instead of failing the step.
+    claims_wait_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long one batch's claims wait out a Redis restart or failover before the step fails",
+    )
 
     # --- run execution ---
     run_launcher: Literal["celery", "default"] = Field(
@@ -180,8 +188,29 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        scheme, _, rest = value.partition("://")
+        if scheme in CLUSTER_SCHEMES:
+            location, _, database = rest.partition("?")[0].partition("/")
+            for seed in location.rpartition("@")[2].split(","):
+                host, _, port = seed.strip().rpartition(":")
+                if not host or not port.isdigit():
+                    raise ValueError(f"{seed!r} is not host:port (redis+cluster://host:port,host:port)")
+            if database not in ("", "0"):
+                raise ValueError("a Redis Cluster has only database 0")
+        elif urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss://, unix://, redis+cluster:// or rediss+cluster:// URL")
+        return value
+
+    @field_validator("celery_broker_url", "celery_backend_url")
+    @classmethod
+    def _celery_needs_a_plain_redis(cls, value: str, info: ValidationInfo) -> str:
+        # Celery's Redis transport speaks to one server: it cannot live in a cluster, nor be derived from one.
+        redis_url = info.data.get("redis_url", "")
+        if not value and redis_url.partition("://")[0] in CLUSTER_SCHEMES:
+            raise ValueError(
+                "must be set when REDIS_URL names a Redis Cluster: Celery's Redis transport needs one plain "
+                "Redis server (a redis:// or rediss:// URL), for the broker and for the result backend"
+            )
         return value
 
     @field_validator("postgres_dsn")

@@ -187,12 +187,14 @@ def _cpu_seconds(usage: resource.struct_rusage) -> float:
 
 
 def _redis_cpu_seconds(claims: redis.Redis) -> float | None:
-    """Redis's own CPU time (all its threads); None where INFO is not allowed (a managed Redis, say)."""
+    """Redis's CPU time, its threads and the children it forks to rewrite its append-only file (the claims'
+    persistence costs that too); None where INFO is not allowed (a managed Redis, say)."""
     try:
         cpu = claims.info("cpu")
     except redis.ResponseError:
         return None
-    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    fields = ("used_cpu_user", "used_cpu_sys", "used_cpu_user_children", "used_cpu_sys_children")
+    return sum(float(cpu.get(field, 0.0)) for field in fields)
 
 
 def _catch_up_in_child(settings: Settings, pipeline: Pipeline, dagster_home: str) -> CatchUpMeasure:
@@ -372,6 +374,12 @@ BENCH_REDIS_DB = 15
 def bench_redis_url(redis_url: str) -> str:
     """The same Redis, database 15: the bench starts from an empty claim store every time (comparable runs)."""
     parts = urlsplit(redis_url)
+    if parts.scheme.endswith("+cluster"):
+        # A cluster has one database, holding live claims: the bench will not empty it.
+        raise BenchError(
+            "the bench needs a single Redis for its claims (python -m clickhouse_etl.dev.claims_cost "
+            "measures a cluster's claims)"
+        )
     return urlunsplit(parts._replace(path=f"/{BENCH_REDIS_DB}"))
 
 

@@ -22,10 +22,13 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from clickhouse_etl.clients.redis_cluster import ClusterUrl, is_cluster_url
 from clickhouse_etl.core.pipeline.model import Pipeline
 from clickhouse_etl.core.processes import process_alive
 from clickhouse_etl.core.settings import Settings
 from clickhouse_etl.dev.datasets import DATASETS
+from clickhouse_etl.dev.redis_cluster import cluster_answers
+from clickhouse_etl.dev.redis_server import RedisServer, RedisStartError, RedisState, redis_state
 from clickhouse_etl.tools.commands import configured_pipelines, ensure_pipeline_tables
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -283,78 +286,73 @@ def _terminate(pid: int, timeout: float) -> None:
 
 
 class RedisService:
+    """The stack's Redis: one local redis-server with the claims, and the run workers' broker and results.
+
+    A `REDIS_URL` naming a Redis Cluster (`redis+cluster://…`) is external here: health-checked, never started
+    (clickhouse_etl.dev.redis_cluster starts a local one for tests).
+    """
+
     name = "redis"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        url = urlsplit(settings.redis_url)
-        self.host, self.port = url.hostname or "127.0.0.1", url.port or 6379
+        self.cluster = is_cluster_url(settings.redis_url)
+        if self.cluster:
+            self.host, self.port = ClusterUrl.parse(settings.redis_url).seeds[0]
+        else:
+            url = urlsplit(settings.redis_url)
+            self.host, self.port = url.hostname or "127.0.0.1", url.port or 6379
         self.home = settings.data_dir / "redis"
-        self.log_path = self.home / "redis.log"
+        self.server = RedisServer(self.host, self.port, self.home)
+        self.log_path = self.server.log_path
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self.host}:{self.port}" + (" (cluster)" if self.cluster else "")
 
     @property
     def local(self) -> bool:
-        return self.host in LOOPBACK_HOSTS
+        return self.host in LOOPBACK_HOSTS and not self.cluster
 
     def answers(self, timeout: float = 2.0) -> bool:
-        import redis
+        if self.cluster:
+            return cluster_answers(self.settings.redis_url, timeout)
+        return self.state(timeout).status == "ready"
 
+    def state(self, timeout: float = 2.0) -> RedisState:
+        return redis_state(self.settings.redis_url, timeout)
+
+    def wait_while_loading(self, echo: Callable[[str], None]) -> None:
+        """A Redis that is reading its append-only file (it answers LOADING) is waited for, not started again."""
+        if self.cluster or self.state().status != "loading":
+            return
+        echo(f"{self.name:<10} {self.address:<28} {self.state().describe()}: waiting")
         try:
-            return bool(redis.Redis.from_url(self.settings.redis_url, socket_timeout=timeout).ping())
-        except Exception:
-            return False
+            self.server.wait_ready(self.server.pid(), self.settings.redis_url, echo)
+        except RedisStartError as error:
+            raise StackError(str(error)) from None
 
-    def start(self) -> int:
+    def start(self, echo: Callable[[str], None] = lambda _: None) -> int:
+        """Start redis-server and wait until it accepts commands (through a long LOADING of a large data set).
+
+        The pid is recorded as soon as the process runs, so `stack down` stops it even if the wait is cut short.
+        """
         if shutil.which("redis-server") is None:
             _apt_install("redis-server")
-        self.home.mkdir(parents=True, exist_ok=True)
-        pidfile = self.home / "redis.pid"
-        pidfile.unlink(missing_ok=True)
-        # Claims must survive a Redis restart: append-only file, fsync every second.
-        result = subprocess.run(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                self.host,
-                "--dir",
-                str(self.home),
-                "--daemonize",
-                "yes",
-                "--pidfile",
-                str(pidfile),
-                "--logfile",
-                str(self.log_path),
-                "--appendonly",
-                "yes",
-                # Rewriting the append-only file forks and copies every claim: rarely, on two cores.
-                "--auto-aof-rewrite-min-size",
-                "1gb",
-                "--appendfsync",
-                "everysec",
-                "--save",
-                "",
-                "--protected-mode",
-                "yes",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode != 0 or not _wait_until(self.answers, 20):
-            raise StackError(
-                f"redis did not start at {self.address}; last lines of {self.log_path}:\n"
-                f"{result.stderr}{log_tail(self.log_path)}"
-            )
-        _wait_until(pidfile.exists, 5)
-        return int(pidfile.read_text().strip())
+        try:
+            pid = self.server.launch()
+        except RedisStartError as error:
+            raise StackError(str(error)) from None
+        _write_state(self.settings, {**_read_state(self.settings), self.name: pid})
+        try:
+            self.server.wait_ready(pid, self.settings.redis_url, echo)
+        except RedisStartError as error:  # it was stopped: forget it
+            _write_state(self.settings, {k: v for k, v in _read_state(self.settings).items() if k != self.name})
+            raise StackError(str(error)) from None
+        return pid
 
     def stop(self, pid: int) -> None:
-        _terminate(pid, timeout=15)
+        self.server.stop(pid)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -555,6 +553,8 @@ def stack_up(settings: Settings, echo: Callable[[str], None] = print) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     state = _read_state(settings)
     for service in _services(settings):
+        if isinstance(service, RedisService):
+            service.wait_while_loading(echo)  # after a restart, Redis reads its append-only file for a while
         if service.answers():
             echo(f"{service.name:<10} {service.address:<28} already answering")
             if isinstance(service, PostgresService):
@@ -562,7 +562,7 @@ def stack_up(settings: Settings, echo: Callable[[str], None] = print) -> None:
             continue
         if not service.local:
             raise StackError(f"{service.name} at {service.address} does not answer (external service, not started)")
-        pid = service.start()
+        pid = service.start(echo) if isinstance(service, RedisService) else service.start()
         if pid is not None:
             state[service.name] = pid
             _write_state(settings, state)
@@ -617,6 +617,10 @@ def stack_status(settings: Settings) -> list[ServiceStatus]:
         )
         answers = service.answers()
         detail = (service.detail() if answers and isinstance(service, PostgresService) else "") or managed
+        if isinstance(service, RedisService) and not answers and not service.cluster:
+            redis_now = service.state()
+            if redis_now.status == "loading":
+                detail = f"{redis_now.describe()}; {managed}"  # e.g. loading its dataset (40%, about 12 s left)
         statuses.append(ServiceStatus(service.name, service.address, answers, detail))
     return statuses
 

@@ -53,11 +53,12 @@ class KafkaResource(dg.ConfigurableResource):
 class ClaimsResource(dg.ConfigurableResource):
     """Redis holding the dedup claims: `SET <key> <partition>:<offset> NX GET EX ttl` per key."""
 
-    redis_url: str = Field(description="Redis URL (REDIS_URL)")
+    redis_url: str = Field(description="Redis URL (REDIS_URL); redis+cluster:// names a Redis Cluster")
+    wait_seconds: float = Field(default=30.0, description="How long a batch's claims wait out a Redis restart")
 
     def claim(self, keys: pl.Series, positions: pl.Series, ttl_seconds: int) -> pl.Series:
         """The previous owner of each key (null where this call made the claim). Raises if Redis fails."""
-        return claims.claim(self.redis_url, keys, positions, ttl_seconds)
+        return claims.claim(self.redis_url, keys, positions, ttl_seconds, self.wait_seconds)
 
 
 class PostgresResource(dg.ConfigurableResource):
@@ -161,7 +162,9 @@ def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableReso
             extra_config_json=_connection("CLICKHOUSE_ETL_KAFKA_CONFIG", json.dumps(settings.kafka_config)),
             fetch_batch=settings.kafka_fetch_batch,
         ),
-        "claims": ClaimsResource(redis_url=_connection("REDIS_URL", settings.redis_url)),
+        "claims": ClaimsResource(
+            redis_url=_connection("REDIS_URL", settings.redis_url), wait_seconds=settings.claims_wait_seconds
+        ),
         "postgres": PostgresResource(
             postgres_dsn=_connection("POSTGRES_DSN", settings.postgres_dsn),
             snapshot_folder=str(settings.data_dir / "snapshots"),

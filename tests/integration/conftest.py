@@ -20,6 +20,7 @@ from clickhouse_etl.core.pipeline.model import Pipeline
 from clickhouse_etl.core.settings import Settings, load_settings
 from clickhouse_etl.dev import stack
 from clickhouse_etl.dev.datasets import DATASETS
+from clickhouse_etl.dev.redis_cluster import LocalRedisCluster
 from clickhouse_etl.tools.commands import ensure_pipeline_tables
 
 # The packaged pipelines as their files declare them (no CLICKHOUSE_ETL_* of the caller reaches them).
@@ -41,6 +42,9 @@ def stack_settings(data_dir: Path, ports: dict[str, int], **overrides: object) -
         redis_url=f"redis://127.0.0.1:{ports['redis']}/0",
         postgres_dsn=f"postgresql://postgres@127.0.0.1:{ports['postgres']}/clickhouse_etl",
         kafka_heap="512m",
+        # Claims wait out a Redis outage for 2 s here, not the default 30: the outage tests expect a stopped
+        # Redis to fail the dedup step soon. A test of a Redis restart asks for longer.
+        claims_wait_seconds=2.0,
         **overrides,
     )
 
@@ -122,3 +126,15 @@ def settings(base_settings: Settings, pipeline: Pipeline, tmp_path: Path) -> Set
 def instance() -> Iterator[dg.DagsterInstance]:
     with dg.instance_for_test() as test_instance:
         yield test_instance
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(base_settings: Settings, stack_dir: Path) -> Iterator[LocalRedisCluster]:
+    """A real 3-primary Redis Cluster of local redis-server processes, on ports of its own (the test stack's
+    Redis port + 100, + 101, + 102, moved by TEST_STACK_PORT_OFFSET), created once per session."""
+    cluster = LocalRedisCluster(stack_dir.with_name(stack_dir.name + "-redis-cluster"), TEST_PORTS["redis"] + 100)
+    cluster.stop()  # what an earlier session may have left running
+    shutil.rmtree(cluster.home, ignore_errors=True)
+    cluster.start(echo=print)
+    yield cluster
+    cluster.stop()

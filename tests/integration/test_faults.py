@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import fcntl
+import shutil
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import dagster as dg
 import pytest
+import redis
 
+from clickhouse_etl.clients import redis_resp
 from clickhouse_etl.core.failpoints import FAILPOINT_VARIABLE
 from clickhouse_etl.core.pipeline.model import Pipeline
 from clickhouse_etl.core.ranges import OffsetRange
@@ -18,6 +23,7 @@ from clickhouse_etl.dev import stack
 from clickhouse_etl.orchestration.run_records import read_ledger
 from clickhouse_etl.tools.catchup import _first_error, run_range
 
+from .conftest import TEST_PORTS, stack_settings
 from .helpers import enriched_rows, job_of, produce, run_catch_up, run_in_background, wait_for_step_event
 from .test_ingest import assert_matches_reference
 
@@ -210,3 +216,111 @@ def test_kafka_offsets_gone_are_a_clear_gap(
     assert "no longer exist" in _first_error(result) and "low watermark 500" in _first_error(result)
     assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]  # retrying cannot help
     assert_nothing_committed(pipeline, instance)
+
+
+def fill_redis(client: redis.Redis, keys: int) -> None:
+    """`keys` small filler keys in the client's database, in bulk (MSET of 10,000 at a time), then compacted
+    into the RDB base of the append-only file: a restart reads them as it reads many claims, answering
+    LOADING meanwhile (Redis serves clients every 2 MB of RDB, but only every 1,024 commands of AOF)."""
+    pipe = client.pipeline(transaction=False)
+    for first in range(0, keys, 10_000):
+        pipe.mset({f"filler:{i}": b"0:0" for i in range(first, min(keys, first + 10_000))})
+    pipe.execute()
+    rewrite_append_only_file(client)
+
+
+def rewrite_append_only_file(client: redis.Redis) -> None:
+    deadline = time.monotonic() + 60
+    while client.info("persistence")["aof_rewrite_in_progress"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # an automatic rewrite runs already: the one asked for below would be refused
+    client.bgrewriteaof()
+    while time.monotonic() < deadline:
+        persistence = client.info("persistence")
+        if not persistence["aof_rewrite_in_progress"] and not persistence["aof_rewrite_scheduled"]:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the append-only file was not rewritten within 60 s")
+
+
+def test_redis_restarted_during_a_catch_up_costs_a_pause_not_a_failed_run(
+    settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stops while claims flow and comes back with enough data to answer LOADING for a while (about
+    2 s here): the claims wait it out (CLICKHOUSE_ETL_CLAIMS_WAIT_SECONDS), no step fails, nothing twice."""
+    service = stack.RedisService(settings)
+    filler = redis.Redis.from_url(settings.redis_url, db=3)
+    fill_redis(filler, 1_500_000)
+    met: list[str] = []
+    waiting = threading.Event()
+    pause = redis_resp.Patience.pause
+
+    def recorded_pause(patience: redis_resp.Patience, error: Exception) -> None:
+        met.append(str(error))
+        waiting.set()
+        pause(patience, error)
+
+    monkeypatch.setattr(redis_resp.Patience, "pause", recorded_pause)
+    # In this process, with claims that wait out the restart (the tests' settings wait 2 s).
+    small = settings.model_copy(update={"max_records_per_run": 1_000, "catch_up_workers": 1, "claims_wait_seconds": 60})
+    produce(small, pipeline, 6_000, seed=39)
+    outcome: list[BaseException | None] = []
+    try:
+        catching_up = threading.Thread(target=lambda: outcome.append(_caught_up(small, pipeline, instance)))
+        catching_up.start()
+        wait_for_step_event(instance, "dedup_events", dg.DagsterEventType.STEP_SUCCESS)  # claims flow
+        with service_stopped(service):
+            assert waiting.wait(60), "no claim met the stopped Redis"
+            time.sleep(0.3)  # a claim is backing off, not yet by 2 s, when Redis starts loading
+        catching_up.join(300)
+        assert outcome == [None]
+        assert any("refused" in error.lower() for error in met) and any("LOADING" in error for error in met), met
+        assert "DB loaded from" in service.log_path.read_text().split("Server initialized")[-1]
+        assert {run.status for run in instance.get_runs()} == {dg.DagsterRunStatus.SUCCESS}
+        assert not [
+            event
+            for run in instance.get_runs()
+            for event in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY)
+        ]
+        assert_matches_reference(settings, pipeline)
+    finally:
+        filler.flushdb()
+        rewrite_append_only_file(filler)  # later restarts of the stack's Redis need not read the filler again
+
+
+def _caught_up(settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance) -> BaseException | None:
+    try:
+        run_catch_up(settings, pipeline, instance)
+    except BaseException as error:  # surfaced by the test thread
+        return error
+    return None
+
+
+def test_stack_waits_for_a_redis_loading_its_dataset_and_records_it_meanwhile(stack_dir: Path) -> None:
+    """`stack up` after a restart: Redis answers LOADING for a while; its pid is recorded before the wait ends
+    (so `stack down` stops it whatever happens), and up waits until it answers."""
+    ports = {**TEST_PORTS, "redis": TEST_PORTS["redis"] + 200}
+    settings = stack_settings(stack_dir.with_name(stack_dir.name + "-redis-loading"), ports)
+    service = stack.RedisService(settings)
+    stack.stack_down(settings, echo=lambda _: None)  # what an earlier session may have left
+    shutil.rmtree(service.home, ignore_errors=True)
+    first = service.start()
+    try:
+        fill_redis(redis.Redis.from_url(settings.redis_url), 1_500_000)
+        service.stop(first)
+        seen: list[tuple[str, int | None]] = []
+        said: list[str] = []
+        starting = threading.Thread(target=lambda: said.append(str(service.start(echo=said.append))))
+        starting.start()
+        while starting.is_alive():
+            seen.append((service.state().describe(), stack.started_pids(settings).get("redis")))
+            time.sleep(0.1)
+        starting.join()
+        pid = int(said[-1])
+        loading = [(detail, recorded) for detail, recorded in seen if detail.startswith("loading its dataset")]
+        assert loading, seen
+        assert all(recorded == pid for _, recorded in loading)  # recorded while it was still loading
+        assert service.answers() and redis.Redis.from_url(settings.redis_url).dbsize() == 1_500_000
+    finally:
+        stack.stack_down(settings, echo=lambda _: None)
+        shutil.rmtree(service.home, ignore_errors=True)
+    assert not service.answers() and stack.started_pids(settings) == {}

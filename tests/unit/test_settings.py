@@ -180,3 +180,53 @@ def test_run_workers_over_tls_name_the_certificate_check_celery_requires(monkeyp
     assert settings.celery_backend_url == "rediss://cache.example.com:6380/2?ssl_cert_reqs=required"
     explicit = load_settings(celery_broker_url="rediss://broker.example.com/3?ssl_cert_reqs=none")
     assert explicit.celery_broker_url == "rediss://broker.example.com/3?ssl_cert_reqs=none"
+
+
+def test_a_redis_cluster_url_needs_both_celery_urls(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis+cluster://10.0.0.1:7000,10.0.0.2:7000")
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    message = str(error.value)
+    assert "CLICKHOUSE_ETL_CELERY_BROKER_URL" in message and "CLICKHOUSE_ETL_CELERY_BACKEND_URL" in message
+    assert "Redis Cluster" in message
+    monkeypatch.setenv("CLICKHOUSE_ETL_CELERY_BROKER_URL", "redis://broker.example:6379/1")
+    with pytest.raises(SettingsError, match="CLICKHOUSE_ETL_CELERY_BACKEND_URL") as error:
+        load_settings()
+    assert "CLICKHOUSE_ETL_CELERY_BROKER_URL" not in str(error.value)
+    monkeypatch.setenv("CLICKHOUSE_ETL_CELERY_BACKEND_URL", "redis://broker.example:6379/2")
+    settings = load_settings()
+    assert settings.redis_url == "redis+cluster://10.0.0.1:7000,10.0.0.2:7000"
+    assert settings.celery_broker_url == "redis://broker.example:6379/1"
+
+
+@pytest.mark.parametrize(
+    "url", ["redis+cluster://h1:7000", "rediss+cluster://user:pw@h1:7000,h2:7001/0", "redis+cluster://[::1]:7000"]
+)
+def test_redis_cluster_urls_are_accepted(url):
+    celery = {"celery_broker_url": "redis://b:6379/1", "celery_backend_url": "redis://b:6379/2"}
+    assert load_settings(redis_url=url, **celery).redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+cluster://h1", "is not host:port"),
+        ("redis+cluster://h1:7000,h2", "is not host:port"),
+        ("redis+cluster://h1:7000/3", "only database 0"),
+        ("memcached://h1:11211", "redis+cluster://"),
+    ],
+)
+def test_bad_redis_urls_name_the_variable(url, problem):
+    celery = {"celery_broker_url": "redis://b:6379/1", "celery_backend_url": "redis://b:6379/2"}
+    with pytest.raises(SettingsError, match="REDIS_URL") as error:
+        load_settings(redis_url=url, **celery)
+    assert problem in str(error.value)
+
+
+def test_claims_wait(monkeypatch):
+    assert load_settings().claims_wait_seconds == 30
+    monkeypatch.setenv("CLICKHOUSE_ETL_CLAIMS_WAIT_SECONDS", "0")
+    assert load_settings().claims_wait_seconds == 0  # fail at the first refused connection, as a step retry
+    monkeypatch.setenv("CLICKHOUSE_ETL_CLAIMS_WAIT_SECONDS", "-1")
+    with pytest.raises(SettingsError, match="CLICKHOUSE_ETL_CLAIMS_WAIT_SECONDS"):
+        load_settings()
