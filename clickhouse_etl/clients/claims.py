@@ -64,9 +64,7 @@ def command_chunks(keys: pl.Series, positions: pl.Series, ttl_seconds: int, aski
         yield claim_commands(keys.slice(first, CHUNK), positions.slice(first, CHUNK), ttl_seconds, asking)
 
 
-def claim(
-    url: str, keys: pl.Series, positions: pl.Series, ttl_seconds: int, wait_seconds: float
-) -> pl.Series:
+def claim(url: str, keys: pl.Series, positions: pl.Series, ttl_seconds: int, wait_seconds: float) -> pl.Series:
     """The previous owner of each key (null where this call made the claim).
 
     A transient outage (connection refused or lost, LOADING, a cluster failing over) is waited out for
