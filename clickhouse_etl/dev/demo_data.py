@@ -9,22 +9,35 @@ unknown extra fields — everything the pipeline has to handle.
 from __future__ import annotations
 
 import time
-import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 import psycopg
 
 from clickhouse_etl.core.settings import Settings
-from clickhouse_etl.dev.producing import ProduceReport, duplicates_of, share_count, shares_flags
+from clickhouse_etl.dev.producing import (
+    LATE_BY_MS,
+    ProduceReport,
+    check_shares,
+    generate_messages,
+    shares_flags,
+)
 
 BOT_NETWORK_PREFIX = "192.168.1."
 UNKNOWN_AD_ID_BASE = 1_000_000
-LATE_BY_MS = (60_000, 30 * 60_000)
-MALFORMED_VARIANTS = ("truncated", "not_json", "wrong_type", "missing_field", "not_object", "empty")
 BRANDS = ("Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Wonka", "Tyrell", "Soylent")
 THEMES = ("Spring Sale", "Black Friday", "Back to School", "Summer Launch", "Retargeting", "Brand Awareness")
+
+# One body per malformed variant; {p} and {i} make each unique.
+MALFORMED_BODIES = {
+    "truncated": '{"click_id":"m{p}-{i}","user_id":"u1","ad_id":3,"timestam',
+    "not_json": "click m{p}-{i} from 10.0.0.1 at noon",
+    "wrong_type": '{"click_id":"m{p}-{i}","user_id":"u1","ad_id":"three","timestamp_ms":1,"ip_address":"10.1.1.1"}',
+    "missing_field": '{"user_id":"u1","ad_id":3,"timestamp_ms":17000000,"ip_address":"10.1.1.1","m":"{p}-{i}"}',
+    "not_object": '["m{p}-{i}", 3]',
+    "empty": "",
+}
 
 
 @dataclass(frozen=True)
@@ -42,11 +55,7 @@ class EventShares:
     extra_field: float = 0.05
 
     def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"share {name} must be between 0 and 1, got {value}")
-        if self.duplicate + self.malformed > 1.0:
-            raise ValueError("duplicate + malformed shares exceed 1")
+        check_shares(self)
 
 
 # The mix benchmarks produce: more duplicates than the demo, fewer malformed messages.
@@ -133,22 +142,12 @@ def generate_events(
 
     kind is `event`, `duplicate` (a re-send of an earlier event, byte for byte) or `malformed`.
     """
-    rng = np.random.default_rng(seed)
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    n_duplicate = share_count(count, shares.duplicate)
-    n_malformed = share_count(count, shares.malformed)
-    n_base = count - n_duplicate - n_malformed
-    if n_base <= 0 and count > 0:
-        raise ValueError("the shares leave no original events to duplicate")
-    prefix = uuid.uuid4().hex[:12] if seed is None else f"{seed:012x}"[-12:]
 
-    base = _base_events(rng, n_base, shares, campaigns, now_ms, span_ms, prefix, partitions)
-    pieces = [base]
-    if n_duplicate:
-        pieces.append(duplicates_of(rng, base, n_duplicate, shares.duplicate_other_partition, partitions))
-    if n_malformed:
-        pieces.append(_malformed(rng, n_malformed, n_base, partitions, prefix))
-    return pl.concat(pieces, how="diagonal_relaxed").sort("send_order", maintain_order=True).drop("send_order")
+    def base_messages(rng: np.random.Generator, n: int, prefix: str) -> pl.DataFrame:
+        return _base_events(rng, n, shares, campaigns, now_ms, span_ms, prefix, partitions)
+
+    return generate_messages(count, shares, partitions, seed, base_messages, MALFORMED_BODIES)
 
 
 def _base_events(
@@ -250,28 +249,6 @@ def _base_events(
         "is_late",
         "is_numeric_string",
         "has_extra_field",
-    )
-
-
-def _malformed(rng: np.random.Generator, n: int, n_base: int, partitions: list[int], prefix: str) -> pl.DataFrame:
-    variant = [MALFORMED_VARIANTS[i % len(MALFORMED_VARIANTS)] for i in range(n)]
-    bodies = {
-        "truncated": '{"click_id":"m{p}-{i}","user_id":"u1","ad_id":3,"timestam',
-        "not_json": "click m{p}-{i} from 10.0.0.1 at noon",
-        "wrong_type": '{"click_id":"m{p}-{i}","user_id":"u1","ad_id":"three","timestamp_ms":1,"ip_address":"10.1.1.1"}',
-        "missing_field": '{"user_id":"u1","ad_id":3,"timestamp_ms":17000000,"ip_address":"10.1.1.1","m":"{p}-{i}"}',
-        "not_object": '["m{p}-{i}", 3]',
-        "empty": "",
-    }
-    values = [bodies[v].replace("{p}", prefix).replace("{i}", str(i)).encode() for i, v in enumerate(variant)]
-    return pl.DataFrame(
-        {
-            "send_order": rng.integers(0, max(n_base, 1) * 1000, n),
-            "partition": rng.choice(np.asarray(partitions), n).astype(np.int32),
-            "value": pl.Series(values, dtype=pl.Binary),
-            "kind": "malformed",
-            "malformed_variant": variant,
-        }
     )
 
 

@@ -7,7 +7,9 @@ benchmark; this module sends them and keeps the ground truth of what was sent.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -46,6 +48,79 @@ def duplicates_of(
         partition=pl.Series(partition),
         kind=pl.lit("duplicate"),
         is_duplicate_other_partition=pl.Series(to_other),
+    )
+
+
+LATE_BY_MS = (60_000, 30 * 60_000)
+MALFORMED_VARIANTS = ("truncated", "not_json", "wrong_type", "missing_field", "not_object", "empty")
+
+
+class MessageShares(Protocol):
+    """What every dataset's shares dataclass holds; duplicate_other_partition is a share of the duplicates."""
+
+    duplicate: float
+    duplicate_other_partition: float
+    malformed: float
+
+
+def check_shares(shares: MessageShares) -> None:
+    """Raise unless every share is between 0 and 1 and duplicates and malformed messages leave originals."""
+    for name, value in asdict(shares).items():  # type: ignore[call-overload]
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"share {name} must be between 0 and 1, got {value}")
+    if shares.duplicate + shares.malformed > 1.0:
+        raise ValueError("duplicate + malformed shares exceed 1")
+
+
+def generate_messages(
+    count: int,
+    shares: MessageShares,
+    partitions: list[int],
+    seed: int | None,
+    base_messages: Callable[[np.random.Generator, int, str], pl.DataFrame],
+    malformed_bodies: Mapping[str, str],
+) -> pl.DataFrame:
+    """`count` Kafka messages in send order: columns partition, value (bytes), kind and ground truth.
+
+    kind is `event` (made by `base_messages(rng, n, id_prefix)`, with a `send_order` column), `duplicate` (a
+    re-send of an earlier event, byte for byte) or `malformed` (`malformed_bodies` per variant, `{p}` and
+    `{i}` replaced so every body is unique).
+    """
+    rng = np.random.default_rng(seed)
+    n_duplicate = share_count(count, shares.duplicate)
+    n_malformed = share_count(count, shares.malformed)
+    n_base = count - n_duplicate - n_malformed
+    if n_base <= 0 and count > 0:
+        raise ValueError("the shares leave no original events to duplicate")
+    prefix = uuid.uuid4().hex[:12] if seed is None else f"{seed:012x}"[-12:]
+
+    base = base_messages(rng, n_base, prefix)
+    pieces = [base]
+    if n_duplicate:
+        pieces.append(duplicates_of(rng, base, n_duplicate, shares.duplicate_other_partition, partitions))
+    if n_malformed:
+        pieces.append(_malformed(rng, n_malformed, n_base, partitions, prefix, malformed_bodies))
+    return pl.concat(pieces, how="diagonal_relaxed").sort("send_order", maintain_order=True).drop("send_order")
+
+
+def _malformed(
+    rng: np.random.Generator,
+    n: int,
+    n_base: int,
+    partitions: list[int],
+    prefix: str,
+    bodies: Mapping[str, str],
+) -> pl.DataFrame:
+    variant = [MALFORMED_VARIANTS[i % len(MALFORMED_VARIANTS)] for i in range(n)]
+    values = [bodies[v].replace("{p}", prefix).replace("{i}", str(i)).encode() for i, v in enumerate(variant)]
+    return pl.DataFrame(
+        {
+            "send_order": rng.integers(0, max(n_base, 1) * 1000, n),
+            "partition": rng.choice(np.asarray(partitions), n).astype(np.int32),
+            "value": pl.Series(values, dtype=pl.Binary),
+            "kind": "malformed",
+            "malformed_variant": variant,
+        }
     )
 
 

@@ -9,15 +9,20 @@ extra fields — everything the pipeline has to handle.
 from __future__ import annotations
 
 import time
-import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 import psycopg
 
 from clickhouse_etl.core.settings import Settings
-from clickhouse_etl.dev.producing import ProduceReport, duplicates_of, share_count, shares_flags
+from clickhouse_etl.dev.producing import (
+    LATE_BY_MS,
+    ProduceReport,
+    check_shares,
+    generate_messages,
+    shares_flags,
+)
 
 ENDPOINTS = ("/v1/chat", "/v1/embeddings", "/v1/completions", "/v1/images", "/v1/moderations")
 # The pipeline file drops exactly these endpoints.
@@ -29,8 +34,22 @@ REGIONS = ("eu-west", "us-east", "ap-south")
 MAX_TOKENS = 4_000
 # Latency in thousandths of a millisecond, so the JSON text holds exactly three decimals.
 LATENCY_THOUSANDTHS = (5_000, 2_500_000)
-LATE_BY_MS = (60_000, 30 * 60_000)
-MALFORMED_VARIANTS = ("truncated", "not_json", "wrong_type", "missing_field", "not_object", "empty")
+
+# One body per malformed variant; {p} and {i} make each unique.
+MALFORMED_BODIES = {
+    "truncated": '{"event_id":"m{p}-{i}","customer_id":"cust-0001","endpoint":"/v1/chat","tok',
+    "not_json": "POST /v1/chat cust-0001 m{p}-{i} 200 OK",
+    "wrong_type": (
+        '{"event_id":"m{p}-{i}","customer_id":"cust-0001","endpoint":"/v1/chat","tokens":"many",'
+        '"latency_ms":12.5,"ts":1700000000000}'
+    ),
+    "missing_field": (
+        '{"customer_id":"cust-0001","endpoint":"/v1/chat","tokens":3,"latency_ms":12.5,"ts":1700000000000,'
+        '"m":"{p}-{i}"}'
+    ),
+    "not_object": '["m{p}-{i}", "cust-0001", 3]',
+    "empty": "",
+}
 
 
 @dataclass(frozen=True)
@@ -47,11 +66,7 @@ class UsageShares:
     extra_field: float = 0.05
 
     def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"share {name} must be between 0 and 1, got {value}")
-        if self.duplicate + self.malformed > 1.0:
-            raise ValueError("duplicate + malformed shares exceed 1")
+        check_shares(self)
 
 
 # The mix benchmarks produce: more duplicates than the demo, fewer malformed messages.
@@ -137,22 +152,12 @@ def generate_usage(
 
     kind is `event`, `duplicate` (a re-send of an earlier event, byte for byte) or `malformed`.
     """
-    rng = np.random.default_rng(seed)
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    n_duplicate = share_count(count, shares.duplicate)
-    n_malformed = share_count(count, shares.malformed)
-    n_base = count - n_duplicate - n_malformed
-    if n_base <= 0 and count > 0:
-        raise ValueError("the shares leave no original events to duplicate")
-    prefix = uuid.uuid4().hex[:12] if seed is None else f"{seed:012x}"[-12:]
 
-    base = _base_usage(rng, n_base, shares, customers, now_ms, span_ms, prefix, partitions)
-    pieces = [base]
-    if n_duplicate:
-        pieces.append(duplicates_of(rng, base, n_duplicate, shares.duplicate_other_partition, partitions))
-    if n_malformed:
-        pieces.append(_malformed(rng, n_malformed, n_base, partitions, prefix))
-    return pl.concat(pieces, how="diagonal_relaxed").sort("send_order", maintain_order=True).drop("send_order")
+    def base_messages(rng: np.random.Generator, n: int, prefix: str) -> pl.DataFrame:
+        return _base_usage(rng, n, shares, customers, now_ms, span_ms, prefix, partitions)
+
+    return generate_messages(count, shares, partitions, seed, base_messages, MALFORMED_BODIES)
 
 
 def _base_usage(
@@ -258,34 +263,6 @@ def _base_usage(
         "is_late",
         "is_numeric_string",
         "has_extra_field",
-    )
-
-
-def _malformed(rng: np.random.Generator, n: int, n_base: int, partitions: list[int], prefix: str) -> pl.DataFrame:
-    variant = [MALFORMED_VARIANTS[i % len(MALFORMED_VARIANTS)] for i in range(n)]
-    bodies = {
-        "truncated": '{"event_id":"m{p}-{i}","customer_id":"cust-0001","endpoint":"/v1/chat","tok',
-        "not_json": "POST /v1/chat cust-0001 m{p}-{i} 200 OK",
-        "wrong_type": (
-            '{"event_id":"m{p}-{i}","customer_id":"cust-0001","endpoint":"/v1/chat","tokens":"many",'
-            '"latency_ms":12.5,"ts":1700000000000}'
-        ),
-        "missing_field": (
-            '{"customer_id":"cust-0001","endpoint":"/v1/chat","tokens":3,"latency_ms":12.5,"ts":1700000000000,'
-            '"m":"{p}-{i}"}'
-        ),
-        "not_object": '["m{p}-{i}", "cust-0001", 3]',
-        "empty": "",
-    }
-    values = [bodies[v].replace("{p}", prefix).replace("{i}", str(i)).encode() for i, v in enumerate(variant)]
-    return pl.DataFrame(
-        {
-            "send_order": rng.integers(0, max(n_base, 1) * 1000, n),
-            "partition": rng.choice(np.asarray(partitions), n).astype(np.int32),
-            "value": pl.Series(values, dtype=pl.Binary),
-            "kind": "malformed",
-            "malformed_variant": variant,
-        }
     )
 
 

@@ -12,12 +12,12 @@ import pytest
 
 from clickhouse_etl.core.pipeline.loading import load_pipelines
 from clickhouse_etl.dev.demo_data import (
-    LATE_BY_MS,
     UNKNOWN_AD_ID_BASE,
     EventShares,
     demo_campaigns,
     generate_events,
 )
+from clickhouse_etl.dev.producing import LATE_BY_MS
 from clickhouse_etl.steps.decode import RAW_SCHEMA, decode_events
 
 COUNT = 100_000

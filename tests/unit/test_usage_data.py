@@ -15,13 +15,11 @@ import pytest
 
 from clickhouse_etl.core.pipeline.loading import load_pipelines
 from clickhouse_etl.core.pipeline.model import Source
-from clickhouse_etl.dev.producing import ProduceReport
+from clickhouse_etl.dev.producing import LATE_BY_MS, MALFORMED_VARIANTS, ProduceReport
 from clickhouse_etl.dev.usage_data import (
     BENCH_SHARES,
     ENDPOINTS,
     HEALTH_ENDPOINTS,
-    LATE_BY_MS,
-    MALFORMED_VARIANTS,
     UNKNOWN_CUSTOMER_PREFIX,
     UsageShares,
     demo_customers,
