@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 source scripts/install.sh
 python3 -m ruff check .
 python3 -m ruff format --check .
-python3 -m pytest -q "$@"
+# The slowest tests are listed at the end, so the suite's time stays visible.
+python3 -m pytest -q --durations=15 "$@"

@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="A tail smaller than a full range is flushed once it waited this long"
     )
     sensor_interval_seconds: int = Field(
-        default=1, ge=1, description="Minimum seconds between sensor ticks (the daemon evaluates sensors every ~5 s)"
+        default=1, ge=1, description="Minimum seconds between sensor ticks (the project's daemon loops that often)"
     )
     catch_up_workers: int = Field(
         default=2,

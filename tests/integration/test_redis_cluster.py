@@ -95,7 +95,9 @@ def test_replaying_every_range_changes_nothing(
     assert_matches_reference(cluster_settings, pipeline)
 
 
-@pytest.mark.parametrize("failpoint", ["after_dedup", "after_load"])
+# Killed once its claims are on the cluster's nodes: the retry must find itself the owner of every key. (The
+# kill after the load exercises the load markers, which the single-Redis fault tests cover.)
+@pytest.mark.parametrize("failpoint", ["after_dedup"])
 def test_run_killed_after_its_claims_is_recovered_exactly_once(
     cluster_settings: Settings, pipeline: Pipeline, tmp_path, failpoint: str
 ) -> None:
