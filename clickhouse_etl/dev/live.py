@@ -86,11 +86,16 @@ class MemorySamples:
             self.rss.setdefault(role, []).append(value)
 
     def growth(self, role: str, after: float) -> tuple[int, int]:
-        """RSS at the first sample after `after` and the highest RSS of the last fifth of the samples."""
+        """The highest RSS of the first fifth of the samples after `after`, and of the last fifth.
+
+        Peaks against peaks: a run worker's RSS rises and falls with each run's working set, so a sample taken
+        between two runs against the peak of a later one would read one run's frames as growth.
+        """
         samples = [v for t, v in zip(self.times, self.rss.get(role, []), strict=False) if t >= after]
         if not samples:
             return 0, 0
-        return samples[0], max(samples[-max(1, len(samples) // 5) :])
+        fifth = max(1, len(samples) // 5)
+        return max(samples[:fifth]), max(samples[-fifth:])
 
 
 def process_roles(daemon: psutil.Process, workers: psutil.Process | None = None) -> dict[str, int]:
@@ -127,6 +132,7 @@ class LiveReport:
     loaded: tuple[int, int]
     runs: RunTimings
     latencies: np.ndarray
+    produced_at: np.ndarray  # each latency's event's produce time (s since the epoch)
     memory: MemorySamples
     memory_after: float
     settings: Settings
@@ -137,6 +143,11 @@ class LiveReport:
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies, q)) if len(self.latencies) else float("nan")
+
+    def final_minute_p95(self) -> float:
+        """p95 of the events produced in the last minute of the load: where a backlog that grows shows."""
+        final = self.latencies[self.produced_at >= self.produced_at.max() - 60] if len(self.latencies) else []
+        return float(np.percentile(final, 95)) if len(final) else float("nan")
 
     def memory_growth(self) -> dict[str, tuple[int, int]]:
         return {role: self.memory.growth(role, self.memory_after) for role in sorted(self.memory.rss)}
@@ -167,6 +178,7 @@ class LiveReport:
                 "p50": round(self.percentile(50), 2),
                 "p95": round(self.percentile(95), 2),
                 "max": round(float(self.latencies.max()), 2) if len(self.latencies) else None,
+                "final_minute_p95": round(self.final_minute_p95(), 2),
                 "events": len(self.latencies),
             },
             "rss_bytes": {role: {"first": a, "last": b} for role, (a, b) in self.memory_growth().items()},
@@ -192,7 +204,8 @@ class LiveReport:
             lines.append(f"memory of the {role}: {first / MIB:,.0f} MiB → {last / MIB:,.0f} MiB")
         lines.append(
             f"produce → queryable, {len(self.latencies):,} events after the {self.warmup_seconds:.0f} s warm-up: "
-            f"p50 {self.percentile(50):.2f} s, p95 {self.percentile(95):.2f} s, max {self.latencies.max():.2f} s"
+            f"p50 {self.percentile(50):.2f} s, p95 {self.percentile(95):.2f} s, max {self.latencies.max():.2f} s; "
+            f"p95 of the last minute's events {self.final_minute_p95():.2f} s"
             if len(self.latencies)
             else "produce → queryable: no event after the warm-up"
         )
@@ -403,11 +416,12 @@ def run_live(
             stop_process_group(daemon)
             if workers is not None:
                 stop_process_group(workers)
-        latencies = []
+        latencies, produce_moments = [], []
         for partition in partitions:
             offsets, produced_at = produce_times(live_settings, topic, partition, highs[partition])
             after_warmup = produced_at >= started + warmup
             latencies.append(poller.visibility.latencies(partition, offsets[after_warmup], produced_at[after_warmup]))
+            produce_moments.append(produced_at[after_warmup])
         runs = run_timings(dagster_home, pipeline.job_name)
     return LiveReport(
         topic=topic,
@@ -420,6 +434,7 @@ def run_live(
         loaded=loaded_counts(settings, pipeline),
         runs=runs,
         latencies=np.concatenate(latencies) if latencies else np.empty(0),
+        produced_at=np.concatenate(produce_moments) if produce_moments else np.empty(0),
         memory=poller.memory,
         memory_after=started + warmup,
         settings=live_settings,
