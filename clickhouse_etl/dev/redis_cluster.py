@@ -133,22 +133,8 @@ class LocalRedisCluster:
         return self.url
 
     def _create(self) -> None:
-        result = subprocess.run(
-            [
-                "redis-cli",
-                "--cluster",
-                "create",
-                *(f"{self.host}:{port}" for port in self.ports),
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if result.returncode != 0:
-            raise RedisStartError(f"redis-cli --cluster create failed:\n{result.stdout[-2000:]}{result.stderr}")
+        nodes = [f"{self.host}:{port}" for port in self.ports]
+        _redis_cli_cluster(["create", *nodes, "--cluster-replicas", "0"], "redis-cli --cluster create", 120)
 
     def wait_ok(self, timeout: float = 60.0) -> None:
         """Until every node says `cluster_state:ok` (all slots served and the nodes agree)."""
@@ -171,10 +157,8 @@ class LocalRedisCluster:
     def move_slots(self, source: int, target: int, count: int) -> None:
         """Move `count` slots, and their keys, from the node on port `source` to the one on `target`, as an
         operator does (`redis-cli --cluster reshard`): each slot migrating → keys MIGRATEd → owned by target."""
-        result = subprocess.run(
+        _redis_cli_cluster(
             [
-                "redis-cli",
-                "--cluster",
                 "reshard",
                 f"{self.host}:{source}",
                 "--cluster-from",
@@ -183,16 +167,20 @@ class LocalRedisCluster:
                 self.node_id(target),
                 "--cluster-slots",
                 str(count),
-                "--cluster-yes",
             ],
-            capture_output=True,
-            text=True,
-            timeout=300,
+            f"moving {count} slots",
+            300,
         )
-        if result.returncode != 0:
-            raise RedisStartError(f"moving {count} slots failed:\n{result.stdout[-2000:]}{result.stderr}")
 
     def stop(self) -> None:
         """Stop every node this cluster started (their files stay: a later start finds the same cluster)."""
         for port in list(self.pids()):
             self.stop_node(port)
+
+
+def _redis_cli_cluster(arguments: list[str], what: str, timeout: float) -> None:
+    """`redis-cli --cluster <arguments> --cluster-yes`; RedisStartError with its output if it fails."""
+    command = ["redis-cli", "--cluster", *arguments, "--cluster-yes"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RedisStartError(f"{what} failed:\n{result.stdout[-2000:]}{result.stderr}")
