@@ -145,6 +145,15 @@ class Settings(BaseSettings):
     # One per partition of the default topic: a run never waits for a free process (its request → start time
     # is the launch itself), and two cores are oversubscribed only while three runs overlap.
     workers: int = Field(default=3, ge=1, le=64, description="Run worker processes `worker` and `dev` start")
+    # A warm process holds a run's working set (about 1 GiB at 250,000 offsets) on top of its imports, and
+    # grows a few MiB per run besides (the embedded chDB keeps about 3.5 MiB of every session it opens and
+    # closes); replacing a process whose peak passed the cap keeps each one bounded at a few CPU seconds of
+    # imports per replacement.
+    worker_max_memory_mib: int = Field(
+        default=1536,
+        ge=0,
+        description="A run worker process whose peak RSS passed this is replaced after its run (0: never)",
+    )
 
     # --- the local stack ---
     kafka_version: str = Field(default="4.1.1", description="Apache Kafka broker version the stack runs")

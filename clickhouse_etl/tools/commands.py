@@ -275,9 +275,13 @@ def worker_command(settings: Settings, concurrency: int, name: str, verbose: boo
         "fair",
         "--without-gossip",
         "--without-mingle",
-        # A child is replaced now and then, so a slow leak in a library never grows for good.
-        "--max-tasks-per-child",
-        "1000",
+        # A child whose peak RSS passed the cap is replaced after its run: memory stays bounded whatever
+        # the libraries keep (see Settings.worker_max_memory_mib). Celery counts in KiB.
+        *(
+            ["--max-memory-per-child", str(settings.worker_max_memory_mib * 1024)]
+            if settings.worker_max_memory_mib
+            else []
+        ),
         "--loglevel",
         "INFO" if verbose else "WARNING",
     ]

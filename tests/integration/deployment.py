@@ -61,8 +61,11 @@ class Deployment:
     def start_daemon(self, role: str = "daemon") -> subprocess.Popen:
         return self.start(role, daemon_command())
 
-    def start_workers(self, name: str, concurrency: int) -> subprocess.Popen:
-        return self.start(name, worker_command(self.settings, concurrency, f"{name}@{os.uname().nodename}"))
+    def start_workers(self, name: str, concurrency: int, max_memory_mib: int | None = None) -> subprocess.Popen:
+        settings = self.settings
+        if max_memory_mib is not None:
+            settings = settings.model_copy(update={"worker_max_memory_mib": max_memory_mib})
+        return self.start(name, worker_command(settings, concurrency, f"{name}@{os.uname().nodename}"))
 
     def start_webserver(self) -> str:
         """The webserver on a free port; returns its host:port once it answers."""

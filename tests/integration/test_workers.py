@@ -1,7 +1,8 @@
 """Runs on warm Celery run workers, against real processes: a daemon, workers, a webserver and the stack's
 Redis as broker. Runs wait for a worker and the daemon says so; two named workers share the partitions; a
-worker killed mid-run fails its run and a run terminated from the UI is revoked, and each range then runs
-again exactly once; the broker restarted under load loses no run."""
+worker process past its memory cap is replaced after its run; a worker killed mid-run fails its run and a
+run terminated from the UI is revoked, and each range then runs again exactly once; the broker restarted
+under load loses no run."""
 
 from __future__ import annotations
 
@@ -77,6 +78,24 @@ def test_runs_wait_for_a_worker_and_the_daemon_says_so_then_two_named_workers_sh
     ran_on = {int(run.tags[tags.PID]) for run in runs}
     assert ran_on & child_pids(alpha) and ran_on & child_pids(beta)  # both workers took runs
     assert {run.tags[tags.PARTITION] for run in runs} == {"0", "1", "2"}
+    deployment.assert_ranges_contiguous(pipeline)
+    assert_matches_reference(settings, pipeline)
+
+
+def test_a_worker_process_past_its_memory_cap_is_replaced_after_its_run_and_the_runs_go_on(
+    settings: Settings, pipeline: Pipeline, deployment: Deployment
+) -> None:
+    produce(settings, pipeline, 12_000, seed=54)  # ranges of at most 5,000 offsets: several runs
+    highs = high_watermarks(settings, pipeline)
+    deployment.start_daemon()
+    deployment.start_workers("capped", concurrency=1, max_memory_mib=1)  # every run leaves its process past it
+    deployment.wait_until(lambda: deployment.caught_up(pipeline, highs), 300, "catching up")
+
+    runs = runs_of(deployment, pipeline)
+    assert {run.status for run in runs} == {dg.DagsterRunStatus.SUCCESS}
+    ran_on = [int(run.tags[tags.PID]) for run in runs]
+    # One worker process at a time, each replaced after its run (uncapped, one process would take them all).
+    assert len(runs) > 1 and len(set(ran_on)) == len(runs)
     deployment.assert_ranges_contiguous(pipeline)
     assert_matches_reference(settings, pipeline)
 
