@@ -145,12 +145,13 @@ class Settings(BaseSettings):
     # One per partition of the default topic: a run never waits for a free process (its request → start time
     # is the launch itself), and two cores are oversubscribed only while three runs overlap.
     workers: int = Field(default=3, ge=1, le=64, description="Run worker processes `worker` and `dev` start")
-    # A warm process holds a run's working set (about 1 GiB at 250,000 offsets) on top of its imports, and
-    # grows a few MiB per run besides (the embedded chDB keeps about 3.5 MiB of every session it opens and
-    # closes); replacing a process whose peak passed the cap keeps each one bounded at a few CPU seconds of
-    # imports per replacement.
+    # A warm process peaks at about 1.5 GiB under a sustained load (its imports, 300 MiB of them shared code
+    # pages, and a run's working set), and what libraries keep from run to run (the embedded chDB about 2 MiB
+    # of every session it opens and closes) would add up over days. A process past the cap is replaced after
+    # its run, for a few CPU seconds of imports; a cap within the working set would replace one every few
+    # runs (measured at 1,536 MiB: a replacement every 11 runs, request → start p95 6.6 s against 0.7 s).
     worker_max_memory_mib: int = Field(
-        default=1536,
+        default=2048,
         ge=0,
         description="A run worker process whose peak RSS passed this is replaced after its run (0: never)",
     )
