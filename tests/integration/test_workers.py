@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
-import psutil
 import pytest
 from dagster_graphql import DagsterGraphQLClient
 
 from clickhouse_etl.core.pipeline.model import Pipeline
+from clickhouse_etl.core.processes import process_alive
 from clickhouse_etl.core.settings import Settings
 from clickhouse_etl.dev import stack
 from clickhouse_etl.orchestration import tags
@@ -116,7 +116,7 @@ def test_a_killed_worker_fails_its_run_and_a_terminated_run_is_revoked_and_each_
     deployment.failpoint_file.write_text("")  # the runs that follow go through
 
     os.kill(int(killed.tags[tags.PID]), signal.SIGKILL)
-    revoked = psutil.Process(int(terminated.tags[tags.PID]))
+    revoked_pid = int(terminated.tags[tags.PID])
     host, port = webserver.split(":")
     DagsterGraphQLClient(host, port_number=int(port)).terminate_run(terminated.run_id)  # what the UI sends
     deployment.wait_until(lambda: deployment.caught_up(pipeline, highs), 300, "catching up")
@@ -124,7 +124,7 @@ def test_a_killed_worker_fails_its_run_and_a_terminated_run_is_revoked_and_each_
     assert deployment.instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
     assert deployment.instance.get_run_by_id(terminated.run_id).status == dg.DagsterRunStatus.CANCELED
     # The revoked task's process was killed (its worker reaps it in its own time: a zombie counts as stopped).
-    deployment.wait_until(lambda: process_stopped(revoked), 30, "the revoked run's process stopping")
+    deployment.wait_until(lambda: not process_alive(revoked_pid), 30, "the revoked run's process stopping")
     assert successful_runs_of_range(deployment, pipeline, killed) == 1
     assert successful_runs_of_range(deployment, pipeline, terminated) == 1
     deployment.assert_ranges_contiguous(pipeline)
@@ -148,11 +148,3 @@ def test_the_broker_restarted_under_load_loses_no_run(
     deployment.assert_ranges_contiguous(pipeline)
     # A run that failed in the outage may be run again after a later range of its partition: one copy of each.
     assert_matches_reference(settings, pipeline, any_copy=True)
-
-
-def process_stopped(process: psutil.Process) -> bool:
-    """Whether the process is gone or a zombie (`is_running` also notices its pid taken by another process)."""
-    try:
-        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
