@@ -455,3 +455,19 @@ def test_raw_line_break_inside_a_string_is_a_dead_letter():
 def test_absurdly_deep_nesting_is_a_dead_letter_not_a_crash():
     value = b'{"click_id":"x","a":' + b'{"a":' * 100_000 + b"1" + b"}" * 100_001
     assert error_of(value, max_message_bytes=10**9).startswith("invalid JSON")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=message_values
+    | st.sampled_from([v for v in TRICKY_VALUES if v is not None])
+    | st.tuples(message_values, st.sampled_from([b" ", b"\n", b"x", b"{}", b"\x00"])).map(
+        lambda p: (p[0] or b"") + p[1]
+    )
+)
+def test_polars_reads_no_object_from_a_value_that_cannot_hold_one(value):
+    # decode skips polars' costly single-value call for such values; this holds polars to that promise.
+    if value is None or decode.may_hold_an_object(value):
+        return
+    text_schema = {name: pl.String() for name in EVENT_SCHEMA if not name.startswith("kafka_")}
+    assert decode._parse_chunk(pl.Series([value], dtype=pl.Binary), text_schema) is None
