@@ -243,7 +243,11 @@ def rewrite_append_only_file(client: redis.Redis) -> None:
 
 
 def test_redis_restarted_during_a_catch_up_costs_a_pause_not_a_failed_run(
-    settings: Settings, pipeline: Pipeline, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
+    pipeline: Pipeline,
+    instance: dg.DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """Redis stops while claims flow and comes back with enough data to answer LOADING for a while (about
     2 s here): the claims wait it out (CLICKHOUSE_ETL_CLAIMS_WAIT_SECONDS), no step fails, nothing twice."""
@@ -260,6 +264,10 @@ def test_redis_restarted_during_a_catch_up_costs_a_pause_not_a_failed_run(
         pause(patience, error)
 
     monkeypatch.setattr(redis_resp.Patience, "pause", recorded_pause)
+    # While Redis is being stopped, runs wait after their read: the catch-up cannot finish its claims before
+    # Redis is down, however fast it runs.
+    hold = tmp_path / "failpoint"
+    monkeypatch.setenv(FAILPOINT_VARIABLE, f"@{hold}")
     # In this process, with claims that wait out the restart (the tests' settings wait 2 s).
     small = settings.model_copy(update={"max_records_per_run": 1_000, "catch_up_workers": 1, "claims_wait_seconds": 60})
     produce(small, pipeline, 6_000, seed=39)
@@ -268,7 +276,9 @@ def test_redis_restarted_during_a_catch_up_costs_a_pause_not_a_failed_run(
         catching_up = threading.Thread(target=lambda: outcome.append(_caught_up(small, pipeline, instance)))
         catching_up.start()
         wait_for_step_event(instance, "dedup_events", dg.DagsterEventType.STEP_SUCCESS)  # claims flow
+        hold.write_text("after_read:sleep=2")
         with service_stopped(service):
+            hold.write_text("")
             assert waiting.wait(60), "no claim met the stopped Redis"
             time.sleep(0.3)  # a claim is backing off, not yet by 2 s, when Redis starts loading
         catching_up.join(300)
