@@ -55,23 +55,6 @@ def _write_ahead_log(dbapi_connection: Any, _record: object) -> None:
     cursor.close()
 
 
-def _kept_sqlite_engine(conn_string: str, max_overflow: int) -> sa.Engine:
-    """An engine keeping one connection to a SQLite database, in write-ahead-log mode."""
-    engine = sa.create_engine(
-        conn_string,
-        poolclass=QueuePool,
-        pool_size=1,
-        max_overflow=max_overflow,
-        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
-    )
-    sa.event.listen(engine, "connect", _write_ahead_log)
-    return engine
-
-
-def _home_config() -> dict[str, Field]:
-    return {"dagster_home": Field(StringSource, description="the instance's folder (DAGSTER_HOME)")}
-
-
 class KeptConnectionSqliteEventLogStorage(SqliteEventLogStorage):
     """Dagster's run-sharded SQLite event log (the local default), with an engine and connection per shard
     kept for the shards used last, in write-ahead-log mode."""
@@ -84,7 +67,7 @@ class KeptConnectionSqliteEventLogStorage(SqliteEventLogStorage):
 
     @classmethod
     def config_type(cls) -> dict[str, Field]:
-        return _home_config()
+        return {"dagster_home": Field(StringSource, description="the instance's folder (DAGSTER_HOME)")}
 
     @classmethod
     def from_config_value(  # type: ignore[override]
@@ -102,7 +85,14 @@ class KeptConnectionSqliteEventLogStorage(SqliteEventLogStorage):
     def _engine_for(self, shard: str) -> sa.Engine:
         engine = self._engines.pop(shard, None)
         if engine is None:
-            engine = _kept_sqlite_engine(self.conn_string_for_shard(shard), EXTRA_CONNECTIONS)
+            engine = sa.create_engine(
+                self.conn_string_for_shard(shard),
+                poolclass=QueuePool,
+                pool_size=1,
+                max_overflow=EXTRA_CONNECTIONS,
+                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
+            )
+            sa.event.listen(engine, "connect", _write_ahead_log)
             if shard not in self._initialized_dbs:
                 if shard == INDEX_SHARD_NAME or not self._created_from_template(shard):
                     self._initdb(engine)
@@ -166,12 +156,18 @@ class KeptConnectionSqliteRunStorage(SqliteRunStorage):
 
     def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
         super().__init__(conn_string, inst_data)
-        # Never waiting for a connection: an extra one is opened and closed as Dagster's are.
-        self._engine = _kept_sqlite_engine(conn_string, max_overflow=-1)
+        self._engine = sa.create_engine(
+            conn_string,
+            poolclass=QueuePool,
+            pool_size=1,
+            max_overflow=-1,  # never wait for a connection: an extra one is opened and closed as Dagster's are
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
+        )
+        sa.event.listen(self._engine, "connect", _write_ahead_log)
 
     @classmethod
     def config_type(cls) -> dict[str, Field]:
-        return _home_config()
+        return {"dagster_home": Field(StringSource, description="the instance's folder (DAGSTER_HOME)")}
 
     @classmethod
     def from_config_value(  # type: ignore[override]
