@@ -118,9 +118,11 @@ def test_threads_read_and_write_runs_at_once(instance: dg.DagsterInstance) -> No
 
 
 def test_asset_materializations_reflect_the_asset_table_once(instance: dg.DagsterInstance) -> None:
+    run = instance.add_run(DagsterRun(job_name="j", run_id=make_new_run_id()))
     for rows in (1, 2):
         instance.report_runless_asset_event(dg.AssetMaterialization("clicks", metadata={"rows": rows}))
     # The override is Dagster's own check, asked once: a Dagster release renaming it leaves this empty.
     assert instance.event_log_storage._asset_key_columns == {"last_materialization_timestamp": True}
     latest = instance.get_latest_materialization_event(dg.AssetKey("clicks"))
     assert latest is not None and latest.asset_materialization.metadata["rows"].value == 2
+    assert run.run_id in {r.run_id for r in instance.get_runs()}
