@@ -25,12 +25,12 @@ def workspace_file() -> str:
 DEFAULT_LAUNCHER = "run_launcher: {module: dagster, class: DefaultRunLauncher}"
 
 
-# The storages' folder as the packaged file names it, for any home the file is copied to by hand.
+# The event log's folder as the packaged file names it, for any home the file is copied to by hand.
 HOME_REFERENCE = "dagster_home: {env: DAGSTER_HOME}"
 
 
 def project_dagster_yaml(settings: Settings) -> str:
-    """The project's dagster.yaml for the settings' home: the storages' folder written out (the instance then
+    """The project's dagster.yaml for the settings' home: the event log's folder written out (the instance then
     opens from its folder alone, whatever DAGSTER_HOME says), and Dagster's default run launcher when the
     settings ask for it."""
     text = _packaged("dagster.yaml").read_text()

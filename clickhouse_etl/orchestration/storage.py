@@ -1,4 +1,4 @@
-"""Dagster storages that keep their database connections, for runs that log an event every few ms.
+"""Dagster event log storages that keep their database connections, for runs that log an event every few ms.
 
 A run of the ingest job writes about sixty events (each step's start, inputs, outputs, success; the run's
 status; the commit's materializations). Dagster's SQLite event log builds a new SQLAlchemy engine and opens
@@ -7,10 +7,7 @@ PostgreSQL event log opens a new server connection (a new backend process) for e
 event (engine events of five runs, one process, the local stack's PostgreSQL): 4.5 to 4.9 ms CPU (SQLite);
 2.2 to 2.7 ms CPU and 7 to 8.4 ms wall (PostgreSQL). With the connections kept: 1.0 to 1.6 ms (SQLite in
 write-ahead-log mode), 0.9 ms CPU and 1.5 ms wall (PostgreSQL). These classes are Dagster's own storages
-with only that changed; a unit test fails if a Dagster release moves what they override. The local run
-storage likewise: Dagster's builds an engine and opens a connection for every call (about 2.4 ms CPU against
-0.4 ms kept, measured on one run lookup), and a run, the daemon's queue checks and the sensor's ticks make
-dozens of calls a second between them.
+with only that changed; a unit test fails if a Dagster release moves what they override.
 """
 
 from __future__ import annotations
@@ -30,7 +27,6 @@ from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
     SQLITE_BUSY_TIMEOUT_SECONDS,
     SqliteEventLogStorage,
 )
-from dagster._core.storage.runs import SqliteRunStorage
 from dagster._serdes import ConfigurableClassData
 from dagster_postgres.event_log.event_log import PostgresEventLogStorage
 from dagster_postgres.utils import create_pg_engine, get_token_provider_from_config, pg_config, pg_url_from_config
@@ -61,7 +57,6 @@ class KeptConnectionSqliteEventLogStorage(SqliteEventLogStorage):
 
     def __init__(self, dagster_home: str, inst_data: ConfigurableClassData | None = None) -> None:
         self._engines: OrderedDict[str, sa.Engine] = OrderedDict()
-        self._asset_key_columns: dict[str, bool] = {}
         # Where Dagster's own SQLite storage keeps the run shards of a home.
         super().__init__(os.path.join(dagster_home, "history", "runs"), inst_data=inst_data)
 
@@ -128,14 +123,6 @@ class KeptConnectionSqliteEventLogStorage(SqliteEventLogStorage):
             os.unlink(staging)
         return True
 
-    def _has_asset_key_col_on_connection(self, conn: sa.Connection, column_name: str) -> bool:
-        # Dagster reflects the asset key table's columns for every materialization; they change only when the
-        # storage is migrated, which no running process does.
-        known = self._asset_key_columns.get(column_name)
-        if known is None:
-            known = self._asset_key_columns[column_name] = super()._has_asset_key_col_on_connection(conn, column_name)
-        return known
-
     def _dispose_engines(self) -> None:
         with self._db_lock:
             while self._engines:
@@ -148,42 +135,6 @@ class KeptConnectionSqliteEventLogStorage(SqliteEventLogStorage):
     def dispose(self) -> None:
         super().dispose()
         self._dispose_engines()
-
-
-class KeptConnectionSqliteRunStorage(SqliteRunStorage):
-    """Dagster's SQLite run storage (the local default, `runs.db` under the home's `history`), keeping one
-    connection in write-ahead-log mode; more are opened for threads that need one at the same moment."""
-
-    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None) -> None:
-        super().__init__(conn_string, inst_data)
-        self._engine = sa.create_engine(
-            conn_string,
-            poolclass=QueuePool,
-            pool_size=1,
-            max_overflow=-1,  # never wait for a connection: an extra one is opened and closed as Dagster's are
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
-        )
-        sa.event.listen(self._engine, "connect", _write_ahead_log)
-
-    @classmethod
-    def config_type(cls) -> dict[str, Field]:
-        return {"dagster_home": Field(StringSource, description="the instance's folder (DAGSTER_HOME)")}
-
-    @classmethod
-    def from_config_value(  # type: ignore[override]
-        cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
-    ) -> KeptConnectionSqliteRunStorage:
-        # Where Dagster's own SQLite storage keeps the runs of a home.
-        return cls.from_local(os.path.join(config_value["dagster_home"], "history"), inst_data=inst_data)
-
-    @contextmanager
-    def connect(self) -> Iterator[sa.Connection]:
-        with self._engine.connect() as connection, connection.begin():
-            yield connection
-
-    def dispose(self) -> None:
-        super().dispose()
-        self._engine.dispose()
 
 
 class KeptConnectionPostgresEventLogStorage(PostgresEventLogStorage):
