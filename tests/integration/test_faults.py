@@ -279,7 +279,7 @@ def test_redis_restarted_during_a_catch_up_costs_a_pause_not_a_failed_run(
         hold.write_text("after_read:sleep=2")
         with service_stopped(service):
             hold.write_text("")
-            assert waiting.wait(180), "no claim met the stopped Redis"
+            assert waiting.wait(60), "no claim met the stopped Redis"
             time.sleep(0.3)  # a claim is backing off, not yet by 2 s, when Redis starts loading
         catching_up.join(300)
         assert outcome == [None]
