@@ -3,11 +3,12 @@
 `REDIS_URL=redis+cluster://[user:password@]host:port[,host:port…]` (`rediss+cluster://` for TLS) names a
 cluster by some of its nodes (seeds). The slot map comes from `CLUSTER SLOTS` and is kept per process.
 
-A batch's keys are hashed to slots column-wise (CRC16/XMODEM mod 16384 over the whole batch in numpy, with
-Redis Cluster's `{hash tag}` rule), grouped by the primary that owns the slot, and each group streamed as raw
-RESP on one connection per primary, the primaries in parallel threads. The replies are put back in the
-batch's order. A key a node no longer serves comes back as `MOVED` (the map is read again and the key
-resent) or `ASK` during a slot migration (resent to the named node after `ASKING`); a node that is gone,
+Keys are hashed to slots column-wise (CRC16/XMODEM mod 16384 over the whole batch in numpy, with Redis
+Cluster's `{hash tag}` rule). A batch's rows, each with the slot it goes to, are grouped by the primary that
+owns the slot, and each group's commands streamed as raw RESP on one connection per primary, the primaries in
+parallel threads. The replies are put back in the batch's order. Rows a node no longer serves come back as
+`MOVED` (the map is read again and the rows resent) or `ASK` during a slot migration (resent to the named
+node after `ASKING`); a node that is gone,
 loading, or a cluster that is down for a failover is waited out with backoff within the claim call's
 patience, after which the call fails closed with ClaimsUnavailable.
 """
@@ -15,9 +16,10 @@ patience, after which the call fails closed with ClaimsUnavailable.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import unquote
 
 import hiredis
@@ -191,7 +193,7 @@ def _byte_matrix(texts: pl.Series, width: int) -> np.ndarray:
 def key_slots(keys: pl.Series) -> np.ndarray:
     """The hash slot of every key, as `CLUSTER KEYSLOT` gives it: CRC16(key or its hash tag) mod 16384.
 
-    The keys of one batch share a long prefix (`<prefix>:<topic>:`), hashed once: CRC16 is linear, so
+    The keys of one batch often share a prefix, hashed once: CRC16 is linear, so
     CRC(prefix ‖ rest) = CRC(prefix ‖ zeros of len(rest)) XOR CRC(rest), and the first term depends only on
     the length of the rest.
     """
@@ -312,16 +314,28 @@ class _Round:
     transient: Exception | None = None
 
 
+class Commands(Protocol):
+    """The commands answering some rows of a batch: each command's rows share one slot."""
+
+    chunks: list[bytes]  # the RESP of the commands, each after an `ASKING` if they were built asking
+    calls: int  # how many commands
+
+    def per_row(self, replies: list) -> list:
+        """One reply per row, in the order of the rows the commands were built for."""
+        ...
+
+
 def _send_to_node(
     cluster: ClusterUrl,
     node: tuple[str, int],
     rows: np.ndarray,
     asking: bool,
-    commands_for: Callable[[np.ndarray, bool], Iterable[bytes]],
+    commands_for: Callable[[np.ndarray, bool], Commands],
 ) -> list:
+    commands = commands_for(rows, asking)
     with RespConnection(cluster.node(*node)) as connection:
-        replies = connection.exchange(commands_for(rows, asking), rows.size * (2 if asking else 1))
-    return replies[1::2] if asking else replies  # each ASKING answers +OK
+        replies = connection.exchange(iter(commands.chunks), commands.calls * (2 if asking else 1))
+    return commands.per_row(replies[1::2] if asking else replies)  # each ASKING answers +OK
 
 
 def _take_replies(rows: np.ndarray, node: tuple[str, int], replies: list, into: _Round) -> None:
@@ -354,19 +368,18 @@ def _take_replies(rows: np.ndarray, node: tuple[str, int], replies: list, into: 
 
 def send_by_slot(
     url: str,
-    keys: pl.Series,
-    commands_for: Callable[[np.ndarray, bool], Iterable[bytes]],
+    slots: np.ndarray,
+    commands_for: Callable[[np.ndarray, bool], Commands],
     patience: Patience,
 ) -> pl.Series:
-    """Send one single-key command per key to the primary serving its slot; the replies in batch order.
+    """Send each row of a batch to the primary serving its slot; one reply per row, in batch order.
 
-    `commands_for(rows, asking)` gives the RESP commands of those batch rows (each after an `ASKING` when
-    asked to). Every command must be safe to send twice: a reply lost with a connection is sent again.
+    `commands_for(rows, asking)` gives the commands of those batch rows (each after an `ASKING` when asked
+    to). Every command must be safe to send twice: a reply lost with a connection is sent again.
     """
     cluster = ClusterUrl.parse(url)
-    slots = key_slots(keys)
     slot_map = _slot_maps.get(url)
-    pending = np.arange(keys.len(), dtype=np.int64)
+    pending = np.arange(slots.size, dtype=np.int64)
     asking: dict[tuple[str, int], np.ndarray] = {}
     done: list[tuple[np.ndarray, pl.Series]] = []
     redirect_rounds = 0
@@ -411,5 +424,5 @@ def send_by_slot(
         else:
             redirect_rounds += 1
             if redirect_rounds > REDIRECT_ROUNDS_WITHOUT_PAUSE:
-                patience.pause(TransientRedisError(f"keys still redirected after {redirect_rounds} rounds"))
-    return in_batch_order(done, keys.len())
+                patience.pause(TransientRedisError(f"rows still redirected after {redirect_rounds} rounds"))
+    return in_batch_order(done, slots.size)

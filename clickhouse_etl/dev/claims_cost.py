@@ -57,7 +57,7 @@ def measure(
     port: int,
     options: tuple[str, ...],
     restart: bool,
-    prefix: str = "ce:dedup:ad_clicks:",
+    namespace: str = "ce:dedup:ad_clicks",
     integer_positions: bool = False,
 ) -> dict[str, object]:
     home = Path(tempfile.mkdtemp(prefix="claims-cost-"))
@@ -67,14 +67,18 @@ def measure(
         client = redis.Redis(port=port)
         url = f"redis://127.0.0.1:{port}/0"
         memory_before = client.info("memory")["used_memory"]
-        figures: dict[str, object] = {"options": " ".join(options), "prefix": prefix, "claims_per_batch": claim_count}
+        figures: dict[str, object] = {
+            "options": " ".join(options),
+            "namespace": namespace,
+            "claims_per_batch": claim_count,
+        }
         per_claim: dict[str, list[float]] = {"new": [], "duplicate": []}
         seconds: dict[str, list[float]] = {"new": [], "duplicate": []}
         for batch in range(batches):
             offsets = pl.int_range(batch * claim_count, (batch + 1) * claim_count, eager=True)
-            # Keys shaped like the default pipeline's: ce:dedup:<topic>:<click id>, owner <partition>:<offset>
-            # (or, to compare, both as one integer, which Redis stores as a number).
-            keys = prefix + "c7f3a9-" + offsets.cast(pl.String)
+            # Keys shaped like click ids, owner <partition>:<offset> (or, to compare, both as one integer, which
+            # Redis stores as a number).
+            keys = "c7f3a9-" + offsets.cast(pl.String)
             if integer_positions:
                 positions = ((offsets % 3) * 2**40 + offsets).cast(pl.String)
             else:
@@ -82,7 +86,7 @@ def measure(
             for kind in ("new", "duplicate"):
                 before, _ = _cpu(client)
                 started = time.perf_counter()
-                owners = claims.claim(url, keys, positions, 86_400, wait_seconds=10)
+                owners = claims.claim(url, namespace, keys, positions, 86_400, wait_seconds=10)
                 seconds[kind].append(round(time.perf_counter() - started, 2))
                 after, _ = _cpu(client)
                 expected_new = claim_count if kind == "new" else 0
@@ -95,9 +99,9 @@ def measure(
         figures["redis_cpu_us_per_new_claim"] = per_claim["new"]
         figures["redis_cpu_us_per_duplicate"] = per_claim["duplicate"]
         figures["seconds_per_batch"] = seconds
-        figures["set_usec_per_call"] = client.info("commandstats").get("cmdstat_set", {}).get("usec_per_call")
+        figures["script_usec_per_call"] = client.info("commandstats").get("cmdstat_eval", {}).get("usec_per_call")
+        figures["hashes"] = client.dbsize()
         figures["used_memory_bytes_per_claim"] = round((client.info("memory")["used_memory"] - memory_before) / total)
-        figures["memory_usage_of_one_key"] = client.memory_usage(prefix + "c7f3a9-1")
         figures["aof_rewrites"] = persistence.get("aof_rewrites", 0)
         figures["aof_rewrite_child_cpu_s"] = round(_cpu(client)[1], 2)
         if restart:
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=16390, help="port of the scratch redis-server")
     parser.add_argument("--options", default="", help="extra redis-server options, e.g. '--appendfsync always'")
     parser.add_argument("--restart", action="store_true", help="also time restarts: as written, after a rewrite")
-    parser.add_argument("--prefix", default="ce:dedup:ad_clicks:", help="what the keys start with")
+    parser.add_argument("--namespace", default="ce:dedup:ad_clicks", help="the claims' namespace (prefix:topic)")
     parser.add_argument("--integer-positions", action="store_true", help="owners as one integer, not p:o")
     args = parser.parse_args(argv)
     figures = measure(
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         args.port,
         tuple(args.options.split()),
         args.restart,
-        args.prefix,
+        args.namespace,
         args.integer_positions,
     )
     print(json.dumps(figures, indent=1))

@@ -140,8 +140,9 @@ def dedup_events(
         key = declared.dedup.key
         candidates = events.filter(dedup.first_in_batch(events, key))
         positions = dedup.position_labels(candidates)
-        keys = dedup.claim_keys(declared.dedup_key_prefix, declared.topic, dedup.dedup_keys(candidates, key))
-        previous = claims.claim(keys, positions, declared.dedup.ttl_seconds)
+        namespace = dedup.claim_namespace(declared.dedup_key_prefix, declared.topic)
+        keys = dedup.dedup_keys(candidates, key)
+        previous = claims.claim(namespace, keys, positions, declared.dedup.ttl_seconds)
         return candidates.filter(dedup.kept_by_claims(positions, previous))
 
     kept = batch.events.map(batch.scratch, "unique", kept_in_window)

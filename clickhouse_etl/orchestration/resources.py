@@ -51,14 +51,14 @@ class KafkaResource(dg.ConfigurableResource):
 
 
 class ClaimsResource(dg.ConfigurableResource):
-    """Redis holding the dedup claims: `SET <key> <partition>:<offset> NX GET EX ttl` per key."""
+    """Redis holding the dedup claims: hashes of key → `<partition>:<offset>` (clickhouse_etl.clients.claims)."""
 
     redis_url: str = Field(description="Redis URL (REDIS_URL); redis+cluster:// names a Redis Cluster")
     wait_seconds: float = Field(default=30.0, description="How long a batch's claims wait out a Redis restart")
 
-    def claim(self, keys: pl.Series, positions: pl.Series, ttl_seconds: int) -> pl.Series:
+    def claim(self, namespace: str, keys: pl.Series, positions: pl.Series, ttl_seconds: int) -> pl.Series:
         """The previous owner of each key (null where this call made the claim). Raises if Redis fails."""
-        return claims.claim(self.redis_url, keys, positions, ttl_seconds, self.wait_seconds)
+        return claims.claim(self.redis_url, namespace, keys, positions, ttl_seconds, self.wait_seconds)
 
 
 class PostgresResource(dg.ConfigurableResource):

@@ -1,9 +1,9 @@
 """Dedup: exactly-once by the pipeline's key, with Redis claims that remember which Kafka position owns a key.
 
 Inside a batch the first occurrence (lowest offset) of a key is the candidate; each candidate is claimed in
-Redis with `SET key position NX GET` (see clickhouse_etl.clients.claims). The event is kept when the claim is
-new or when the existing owner is this very position — a replay of the same range finds its own claims and
-keeps exactly what it kept.
+Redis, which answers the position that owned it before, if any (see clickhouse_etl.clients.claims). The event
+is kept when the claim is new or when the existing owner is this very position — a replay of the same range
+finds its own claims and keeps exactly what it kept.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ def first_in_batch(events: pl.DataFrame, key: list[str]) -> pl.Series:
     return events.select(pl.col("kafka_offset") == pl.col("kafka_offset").min().over(key)).to_series()
 
 
-def claim_keys(prefix: str, topic: str, keys: pl.Series) -> pl.Series:
-    """`<prefix>:<topic>:<key>`: claims of one topic under one prefix (two pipelines never share a prefix)."""
-    return (f"{prefix}:{topic}:" + keys).alias("key")
+def claim_namespace(prefix: str, topic: str) -> str:
+    """`<prefix>:<topic>`: the claims of one topic under one prefix (two pipelines never share a prefix)."""
+    return f"{prefix}:{topic}"
 
 
 def kept_by_claims(

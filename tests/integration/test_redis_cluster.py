@@ -57,11 +57,12 @@ def claim_events(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
 
 def claims_by_node(cluster: LocalRedisCluster, pipeline: Pipeline) -> dict[int, int]:
+    """How many keys each primary holds claims of (the fields of the pipeline's claim hashes)."""
     pattern = f"{pipeline.dedup_key_prefix}:{pipeline.topic}:*"
     counts = {}
     for port in cluster.ports:
         with redis.Redis(host=cluster.host, port=port) as node:
-            counts[port] = sum(1 for _ in node.scan_iter(match=pattern, count=10_000))
+            counts[port] = sum(node.hlen(name) for name in node.scan_iter(match=pattern, count=10_000))
     return counts
 
 

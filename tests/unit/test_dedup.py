@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from clickhouse_etl.core.pipeline.loading import load_pipelines
-from clickhouse_etl.steps.dedup import claim_keys, dedup_keys, first_in_batch, kept_by_claims, position_labels
+from clickhouse_etl.steps.dedup import claim_namespace, dedup_keys, first_in_batch, kept_by_claims, position_labels
 
 AD_CLICKS = load_pipelines("ad_clicks", environment={})[0].pipeline
 KEY = ["click_id"]
@@ -155,32 +155,17 @@ def test_dedup_keys_stay_apart_whatever_the_text_holds() -> None:
     assert len(set(keys)) == 4
 
 
-def test_claim_keys_are_prefix_topic_and_key() -> None:
-    """Claims are named `<prefix>:<topic>:<key>`, so two topics or prefixes never share a claim."""
-    keys = pl.Series(["c-1", "c:2", encoded("x", 1)], dtype=pl.String)
-    claimed = claim_keys("ce:dedup", "ad_clicks", keys)
-    assert claimed.dtype == pl.String
-    assert claimed.to_list() == [
-        "ce:dedup:ad_clicks:c-1",
-        "ce:dedup:ad_clicks:c:2",
-        f"ce:dedup:ad_clicks:{encoded('x', 1)}",
-    ]
-    other_topic = claim_keys("ce:dedup", "ad_clicks_2", keys).to_list()
-    other_prefix = claim_keys("ce:dedup:api_usage", "ad_clicks", keys).to_list()
-    assert not set(other_topic) & set(claimed.to_list())
-    assert not set(other_prefix) & set(claimed.to_list())
+def test_claim_namespace_is_prefix_and_topic() -> None:
+    """Claims are kept under `<prefix>:<topic>`, so two topics or prefixes never share a claim."""
+    assert claim_namespace("ce:dedup", "ad_clicks") == "ce:dedup:ad_clicks"
+    pairs = [("ce:dedup", "ad_clicks"), ("ce:dedup", "t2"), ("p", "ad_clicks")]
+    assert len({claim_namespace(prefix, topic) for prefix, topic in pairs}) == 3
 
 
-def test_claim_keys_of_an_empty_batch() -> None:
-    """No keys, no claims."""
-    assert claim_keys("p", "t", pl.Series([], dtype=pl.String)).to_list() == []
-
-
-def test_claim_keys_of_the_ad_clicks_pipeline() -> None:
-    """The packaged pipeline claims `ce:dedup:<topic>:<click_id>`."""
-    frame = events([("c-9", 0, 0)])
-    claimed = claim_keys(AD_CLICKS.dedup_key_prefix, AD_CLICKS.topic, dedup_keys(frame, KEY))
-    assert claimed.to_list() == ["ce:dedup:ad_clicks:c-9"]
+def test_claim_namespace_of_the_ad_clicks_pipeline() -> None:
+    """The packaged pipeline claims its click ids under `ce:dedup:<topic>`."""
+    assert claim_namespace(AD_CLICKS.dedup_key_prefix, AD_CLICKS.topic) == "ce:dedup:ad_clicks"
+    assert dedup_keys(events([("c-9", 0, 0)]), KEY).to_list() == ["c-9"]
 
 
 # --- positions and claims ---------------------------------------------------------------------------------------
@@ -241,7 +226,7 @@ def test_kept_by_claims_empty() -> None:
 
 
 def test_replay_of_the_same_range_keeps_exactly_what_the_first_run_kept() -> None:
-    """Simulates the claim protocol (SET NX GET) with a dict standing in for Redis."""
+    """Simulates the claim protocol (set if absent, answer the previous owner) with a dict standing in for Redis."""
     store: dict[str, bytes] = {}
 
     def claim(keys: list[str], positions: list[str]) -> list[bytes | None]:
@@ -257,7 +242,7 @@ def test_replay_of_the_same_range_keeps_exactly_what_the_first_run_kept() -> Non
     def run(frame: pl.DataFrame) -> list[str]:
         candidates = frame.filter(first_in_batch(frame, KEY))
         positions = position_labels(candidates).to_list()
-        keys = claim_keys("ce:dedup", "ad_clicks", dedup_keys(candidates, KEY)).to_list()
+        keys = dedup_keys(candidates, KEY).to_list()
         kept = kept_by_claims(positions, claim(keys, positions))
         return candidates.filter(kept)["click_id"].to_list()
 
@@ -265,7 +250,7 @@ def test_replay_of_the_same_range_keeps_exactly_what_the_first_run_kept() -> Non
     assert run(second_range) == ["c"]  # b is owned by 0:1
     assert run(first_range) == ["a", "b"]  # replay finds its own claims
     assert run(second_range) == ["c"]
-    assert set(store) == {"ce:dedup:ad_clicks:a", "ce:dedup:ad_clicks:b", "ce:dedup:ad_clicks:c"}
+    assert set(store) == {"a", "b", "c"}
 
 
 def test_replay_with_a_composite_key_keeps_exactly_what_the_first_run_kept() -> None:
@@ -275,7 +260,7 @@ def test_replay_with_a_composite_key_keeps_exactly_what_the_first_run_kept() -> 
     def run(frame: pl.DataFrame) -> list[tuple[str, int]]:
         candidates = frame.filter(first_in_batch(frame, ["a", "b"]))
         positions = position_labels(candidates).to_list()
-        keys = claim_keys("p", "t", dedup_keys(candidates, ["a", "b"])).to_list()
+        keys = dedup_keys(candidates, ["a", "b"]).to_list()
         previous = []
         for key, position in zip(keys, positions, strict=True):
             previous.append(store.get(key))
