@@ -108,7 +108,11 @@ class Source(Section):
 
 class Dedup(Section):
     key: NameList = Field(min_length=1, description="Field(s) whose values identify an event")
-    ttl_seconds: int = Field(default=86_400, gt=0, description="How long a claim of a key lives in Redis")
+    ttl_seconds: int = Field(
+        default=86_400,
+        gt=0,
+        description="How long a claim of a key is remembered in Redis: at least this, at most twice",
+    )
     key_prefix: str | None = Field(
         default=None, min_length=1, description="Prefix of the Redis claim keys (default ce:dedup:<name>)"
     )
