@@ -8,9 +8,8 @@ Cluster's `{hash tag}` rule). A batch's rows, each with the slot it goes to, are
 owns the slot, and each group's commands streamed as raw RESP on one connection per primary, the primaries in
 parallel threads. The replies are put back in the batch's order. Rows a node no longer serves come back as
 `MOVED` (the map is read again and the rows resent) or `ASK` during a slot migration (resent to the named
-node after `ASKING`); a node that is gone,
-loading, or a cluster that is down for a failover is waited out with backoff within the claim call's
-patience, after which the call fails closed with ClaimsUnavailable.
+node after `ASKING`); a node that is gone, loading, or a cluster that is down for a failover is waited out
+with backoff within the claim call's patience, after which the call fails closed with ClaimsUnavailable.
 """
 
 from __future__ import annotations

@@ -70,3 +70,12 @@ def test_namespaces_do_not_share_claims(base_settings: Settings) -> None:
     keys, positions = batch(1_000, "0")
     for namespace in (f"test:claims:{uuid.uuid4().hex}:a", f"test:claims:{uuid.uuid4().hex}:b"):
         assert claims.claim(url, namespace, keys, positions, TTL, 5).null_count() == 1_000
+
+
+def test_a_key_repeated_in_one_batch_is_owned_by_its_first_occurrence(base_settings: Settings) -> None:
+    url, namespace = base_settings.redis_url, f"test:claims:{uuid.uuid4().hex}"
+    keys = pl.Series(["a", "b", "a", "c", "b", "a"])
+    positions = pl.Series([f"0:{offset}" for offset in range(6)])
+    owners = claims.claim(url, namespace, keys, positions, TTL, 5).to_list()
+    assert owners == [None, None, "0:0", None, "0:1", "0:0"]
+    assert claims.claim(url, namespace, keys, positions, TTL, 5).to_list() == ["0:0", "0:1", "0:0", "0:3", "0:1", "0:0"]
