@@ -96,8 +96,7 @@ def shards_of(keys: pl.Series) -> np.ndarray:
 class ClaimCalls:
     """The script calls claiming some rows of a batch, and how their replies map back to those rows."""
 
-    chunks: list[bytes]
-    calls: int
+    chunks: list[bytes]  # one script call each
     keys_per_call: np.ndarray  # how many rows each call claims, in call order
     order: np.ndarray  # the rows' positions in the caller's rows, in the order the calls claim them
 
@@ -152,7 +151,6 @@ def claim_calls(
         chunks.append((ASKING if asking else b"") + b"".join(header) + (key_bulks + position_bulks).encode())
     return ClaimCalls(
         chunks=chunks,
-        calls=len(chunks),
         keys_per_call=np.asarray(calls["count"], dtype=np.int64),
         order=frame["row"].to_numpy(),
     )
@@ -205,7 +203,7 @@ def claim(
 
 def _claim_on_server(address: RedisAddress, calls: ClaimCalls) -> pl.Series:
     with RespConnection(address) as connection:
-        replies = connection.exchange(iter(calls.chunks), calls.calls)
+        replies = connection.exchange(calls.chunks, len(calls.chunks))
     errors = [reply for reply in replies if isinstance(reply, hiredis.ReplyError)]
     if errors:
         raise_for_error(errors[0], f"at {address.label}")

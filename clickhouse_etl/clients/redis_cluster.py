@@ -317,7 +317,6 @@ class Commands(Protocol):
     """The commands answering some rows of a batch: each command's rows share one slot."""
 
     chunks: list[bytes]  # the RESP of the commands, each after an `ASKING` if they were built asking
-    calls: int  # how many commands
 
     def per_row(self, replies: list) -> list:
         """One reply per row, in the order of the rows the commands were built for."""
@@ -333,7 +332,7 @@ def _send_to_node(
 ) -> list:
     commands = commands_for(rows, asking)
     with RespConnection(cluster.node(*node)) as connection:
-        replies = connection.exchange(iter(commands.chunks), commands.calls * (2 if asking else 1))
+        replies = connection.exchange(commands.chunks, len(commands.chunks) * (2 if asking else 1))
     return commands.per_row(replies[1::2] if asking else replies)  # each ASKING answers +OK
 
 
