@@ -1,8 +1,9 @@
-"""Whether a process is alive: a run's recorded worker, a service the local stack started."""
+"""Whether a process is alive (a run's recorded worker, a service the local stack started); its peak memory."""
 
 from __future__ import annotations
 
 import os
+import resource
 
 
 def process_alive(pid: int) -> bool:
@@ -18,3 +19,20 @@ def process_alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"
     except OSError:
         return True
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set since it started its program.
+
+    Read from /proc (VmHWM) where there is one: `ru_maxrss` of a process started by another (fork or vfork,
+    then exec) never reports less than its parent's peak, since Linux carries the replaced memory's
+    high-water mark across exec, so a small process started by a large one would report the large one's.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

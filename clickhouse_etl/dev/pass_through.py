@@ -6,8 +6,8 @@ the project's own reader (KafkaReader: fetch sizes, queue sizes), so the compari
 nothing else. Message values are joined as NDJSON and each RAW_INSERT_MESSAGES of them go to ClickHouse in
 one `INSERT … FORMAT JSONEachRow`, into a table of the JSON fields as text; no decoding, deduplication,
 enrichment or anything else. It runs in a process of its own (`python -m clickhouse_etl.dev.pass_through`),
-so the CPU time and peak RSS the bench reports are its own; the parent creates its table before and counts
-and drops it after.
+so the CPU time the bench reports is its own, and it reports its own peak RSS; the parent creates its table
+before and counts and drops it after.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from clickhouse_etl.clients.clickhouse import clickhouse_session
 from clickhouse_etl.clients.kafka import KafkaReader
 from clickhouse_etl.core.pipeline.columns import POSITION_COLUMNS, columns_of
 from clickhouse_etl.core.pipeline.model import Pipeline
+from clickhouse_etl.core.processes import peak_rss_bytes
 from clickhouse_etl.core.settings import Settings, load_settings, settings_environment
 
 RAW_INSERT_MESSAGES = 65_536
@@ -206,6 +207,7 @@ def _run_child(topic: str, table: str) -> dict[str, object]:
         "rows": rows,
         "inserts": inserts,
         "copy_seconds": time.perf_counter() - started,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 
@@ -268,7 +270,7 @@ def run_pass_through(settings: Settings, pipeline: Pipeline) -> PassThroughResul
         seconds=seconds,
         copy_seconds=figures["copy_seconds"],
         cpu_seconds=usage.ru_utime + usage.ru_stime,
-        peak_rss_bytes=usage.ru_maxrss * 1024,
+        peak_rss_bytes=figures["peak_rss_bytes"],  # its own: getrusage's would not fall below the bench's
     )
     if result.rows != result.table_rows:
         raise PassThroughError(f"the raw pass-through wrote {result.rows} rows, its table holds {result.table_rows}")

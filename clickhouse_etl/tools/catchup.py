@@ -18,6 +18,7 @@ from dagster._core.instance.ref import InstanceRef
 from clickhouse_etl.clients.kafka import KafkaReader
 from clickhouse_etl.core.collector import freeze_startup_objects
 from clickhouse_etl.core.pipeline.model import Pipeline
+from clickhouse_etl.core.processes import peak_rss_bytes
 from clickhouse_etl.core.ranges import OffsetRange, split_range
 from clickhouse_etl.core.settings import Settings
 from clickhouse_etl.orchestration import run_records, tags
@@ -39,6 +40,8 @@ class CatchUpReport:
     ranges: list[OffsetRange] = field(default_factory=list)
     events: int = 0
     seconds: float = 0.0
+    # The largest peak resident set among the processes that ran the ranges (each its own: see peak_rss_bytes).
+    peak_rss_bytes: int = 0
 
 
 def kafka_reader(settings: Settings, pipeline: Pipeline | None = None) -> KafkaReader:
@@ -135,6 +138,7 @@ def run_ranges(
         report.events += offset_range.size
         echo(f"  {offset_range.label}: done (run {result.run_id})")
     report.seconds = time.perf_counter() - started
+    report.peak_rss_bytes = peak_rss_bytes()
     return report
 
 
@@ -212,6 +216,7 @@ def _run_partitions_in_parallel(
             pending.clear()  # hand out nothing more; the pool's exit waits for the partitions already running
             raise
     report.seconds = time.perf_counter() - started
+    report.peak_rss_bytes = max(report.peak_rss_bytes, peak_rss_bytes())
     return report
 
 
@@ -226,6 +231,7 @@ def _merge(report: CatchUpReport, partial: CatchUpReport) -> None:
     report.runs += partial.runs
     report.ranges += partial.ranges
     report.events += partial.events
+    report.peak_rss_bytes = max(report.peak_rss_bytes, partial.peak_rss_bytes)
 
 
 def _run_partition(

@@ -144,19 +144,36 @@ def _catch_up(settings: Settings, args: argparse.Namespace) -> int:
 
     pipelines = chosen_pipelines(settings, args)
     ensure_pipeline_tables(settings, pipelines)
+
+    # With --json, stdout carries the JSON objects alone and the progress lines go to stderr.
+    def echo(line: str) -> None:
+        print(line, file=sys.stderr if args.json else sys.stdout)
+
     with dagster_instance(settings) as instance:
         for pipeline in pipelines:
             try:
-                report = catch_up(settings, pipeline, instance)
+                report = catch_up(settings, pipeline, instance, echo)
             except CatchUpError as error:
                 print(f"clickhouse-etl catch-up: {pipeline.name}: {error}", file=sys.stderr)
                 return 1
-            rate = report.events / report.seconds if report.seconds else 0.0
-            print(
-                f"{pipeline.name} caught up: {len(report.ranges)} range(s), {report.events} offsets in "
-                f"{report.seconds:.2f} s ({rate:,.0f} events/s), {len(report.runs)} run(s) recorded in "
-                f"{settings.dagster_home}"
-            )
+            if args.json:
+                figures = {
+                    "pipeline": pipeline.name,
+                    "ranges": len(report.ranges),
+                    "events": report.events,
+                    "seconds": round(report.seconds, 3),
+                    "runs": report.runs,
+                    "peak_rss_bytes": report.peak_rss_bytes,
+                }
+                print(json.dumps(figures))
+            else:
+                rate = report.events / report.seconds if report.seconds else 0.0
+                print(
+                    f"{pipeline.name} caught up: {len(report.ranges)} range(s), {report.events} offsets in "
+                    f"{report.seconds:.2f} s ({rate:,.0f} events/s), {len(report.runs)} run(s) recorded in "
+                    f"{settings.dagster_home}; peak RSS {report.peak_rss_bytes / 2**20:,.0f} MiB (the largest "
+                    "of its processes)"
+                )
     return 0
 
 
@@ -378,6 +395,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     catch = commands.add_parser("catch-up", help="process everything available now through the Dagster job(s)")
     add_pipeline_options(catch)
+    catch.add_argument("--json", action="store_true", help="print one JSON object per pipeline after its runs")
     catch.set_defaults(handler=_catch_up)
 
     backfill = commands.add_parser("backfill", help="re-process an exact offset range through the job")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -23,6 +24,7 @@ def test_produce_catch_up_and_query(settings: Settings, pipeline: Pipeline, tmp_
     caught_up = cli(settings, "catch-up", dagster_home=str(tmp_path))
     assert caught_up.returncode == 0, caught_up.stderr[-3000:]
     assert re.search(r"ad_clicks caught up: \d+ range\(s\), 20000 offsets", caught_up.stdout)
+    assert re.search(r"; peak RSS [1-9][\d,]* MiB \(the largest of its processes\)", caught_up.stdout)
 
     counted = cli(
         settings,
@@ -38,8 +40,13 @@ def test_produce_catch_up_and_query(settings: Settings, pipeline: Pipeline, tmp_
     assert refused.returncode == 1 and "readonly" in refused.stderr.lower()
     assert refused.stderr.startswith("clickhouse-etl query:") and "Traceback" not in refused.stderr
 
-    again = cli(settings, "catch-up", dagster_home=str(tmp_path))
-    assert again.returncode == 0 and "ad_clicks caught up: 0 range(s)" in again.stdout
+    # Nothing left; with --json, stdout is one JSON object per pipeline and nothing else.
+    again = cli(settings, "catch-up", "--json", dagster_home=str(tmp_path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    [line] = again.stdout.splitlines()
+    figures = json.loads(line)
+    assert figures["pipeline"] == "ad_clicks" and figures["ranges"] == figures["events"] == 0
+    assert figures["runs"] == [] and figures["peak_rss_bytes"] > 0
 
     status = cli(settings, "status", "--runs", "3", dagster_home=str(tmp_path))
     assert status.returncode == 0, status.stderr[-3000:]
