@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 
@@ -40,6 +41,30 @@ def split_range(topic: str, partition: int, start: int, end: int, max_records: i
     return [
         OffsetRange(topic, partition, first, min(first + max_records, end)) for first in range(start, end, max_records)
     ]
+
+
+def split_evenly(topic: str, partition: int, start: int, end: int, max_records: int) -> list[OffsetRange]:
+    """[start, end) cut into as few consecutive ranges of at most max_records as split_range, of sizes within
+    one of each other: 1,000,500 offsets make two runs of 500,250, not one of 1,000,000 and one of 500."""
+    if end <= start:
+        return []
+    pieces = -(-(end - start) // max_records)
+    bounds = [start + (end - start) * piece // pieces for piece in range(pieces + 1)]
+    return [OffsetRange(topic, partition, first, last) for first, last in itertools.pairwise(bounds)]
+
+
+def balanced_run_size(spans: list[int], processes: int, max_records: int, min_records: int) -> int:
+    """The largest range to run when `processes` processes share the spans, each span's ranges run in order.
+
+    Ranges of at most half a process's share leave at most that much for one process to finish alone once
+    the others are done (three partitions whole on two processes leave one running alone for a third of the
+    time); never below min_records (even cuts of a span are then at least half of it), under which a run's
+    fixed cost outweighs what it balances, nor above max_records.
+    """
+    if processes <= 1:
+        return max_records
+    half_share = -(-sum(spans) // (2 * processes))
+    return min(max_records, max(min_records, half_share))
 
 
 def plan_ranges(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import queue
+import threading
 import time
 import uuid
 from collections import deque
@@ -19,15 +21,22 @@ from clickhouse_etl.clients.kafka import KafkaReader
 from clickhouse_etl.core.collector import freeze_startup_objects
 from clickhouse_etl.core.pipeline.model import Pipeline
 from clickhouse_etl.core.processes import peak_rss_bytes
-from clickhouse_etl.core.ranges import OffsetRange, split_range
+from clickhouse_etl.core.ranges import OffsetRange, balanced_run_size, split_evenly
 from clickhouse_etl.core.settings import Settings
 from clickhouse_etl.orchestration import run_records, tags
 from clickhouse_etl.orchestration.instance import CODE_LOCATION
 from clickhouse_etl.orchestration.jobs import build_ingest_job, range_run_config
 from clickhouse_etl.orchestration.resources import resources_from_settings
+from clickhouse_etl.steps.load import INSERT_WINDOW
 
 CATCH_UP_ATTEMPTS = 3
 CATCH_UP_TAGS = {tags.TRIGGER: "catch-up"}
+# Offsets are cut below max_records_per_run, to balance the processes, only into runs of at least about half
+# this: a run's fixed cost (about 0.3 CPU seconds, a quarter second of Dagster) outweighs the balance below it.
+# `clickhouse-etl bench` (1M, 333,000 per partition), two processes, in turn: six runs of 167,000 made
+# 129,976 / 125,967 events/s, three runs 138,073 / 134,809; at 3M six runs of 500,000 made 177,568 / 192,853,
+# three or four runs of about 1,000,000 made 157,599 / 161,493.
+SMALLEST_BALANCING_CUT = 4 * INSERT_WINDOW
 
 
 class CatchUpError(RuntimeError):
@@ -59,14 +68,21 @@ def ingest_job(settings: Settings, pipeline: Pipeline) -> dg.JobDefinition:
 
 
 def pending_ranges(
-    instance: dg.DagsterInstance, reader: KafkaReader, pipeline: Pipeline, max_records: int, start_position: str
+    instance: dg.DagsterInstance,
+    reader: KafkaReader,
+    pipeline: Pipeline,
+    max_records: int,
+    start_position: str,
+    processes: int = 1,
 ) -> list[OffsetRange]:
-    """Ranges from each partition's committed end up to its high watermark now; failed ranges first."""
+    """Ranges from each partition's committed end up to its high watermark now; failed ranges first, as they
+    were. The rest is cut into even ranges sized for `processes` processes to finish together."""
     topic = pipeline.topic
     watermarks = reader.watermarks(topic)
     ledgers = run_records.read_ledger(instance, pipeline.job_name, topic)
     start_offsets = reader.start_offsets(topic, start_position)
     ranges: list[OffsetRange] = []
+    fresh: dict[int, tuple[int, int]] = {}
     for partition, (low, high) in watermarks.items():
         entry = ledgers.get(partition)
         if entry is not None:
@@ -79,7 +95,12 @@ def pending_ranges(
                 f"{topic}/{partition}: offsets [{committed}, {low}) expired in Kafka before {pipeline.name} "
                 "processed them; see `clickhouse-etl offsets`"
             )
-        ranges.extend(split_range(topic, partition, start, high, max_records))
+        if start < high:
+            fresh[partition] = (start, high)
+    spans = [high - start for start, high in fresh.values()]
+    run_size = balanced_run_size(spans, min(processes, len(spans)), max_records, SMALLEST_BALANCING_CUT)
+    for partition, (start, high) in fresh.items():
+        ranges.extend(split_evenly(topic, partition, start, high, run_size))
     return sorted(set(ranges), key=lambda r: (r.start, r.partition))
 
 
@@ -150,77 +171,134 @@ def catch_up(
 ) -> CatchUpReport:
     """Process every range of the pipeline available now; raise CatchUpError if one still fails after retries.
 
-    Partitions run in parallel in up to `catch_up_workers` processes, this one included (ranges of one
-    partition in order, in one process): while one waits on Redis, Kafka or ClickHouse, another computes.
+    Ranges run in parallel in up to `catch_up_workers` processes, this one included (the ranges of one
+    partition in order, one at a time): while one waits on Redis, Kafka or ClickHouse, another computes.
     """
     run_records.fail_abandoned_runs(instance, pipeline.job_name, pipeline.topic, echo)
     reader = kafka_reader(settings, pipeline)
-    ranges = pending_ranges(instance, reader, pipeline, settings.max_records_per_run, settings.start_position)
-    by_partition: dict[int, list[OffsetRange]] = {}
-    for offset_range in ranges:
-        by_partition.setdefault(offset_range.partition, []).append(offset_range)
+    processes = settings.catch_up_workers
+    ranges = pending_ranges(
+        instance, reader, pipeline, settings.max_records_per_run, settings.start_position, processes
+    )
     job = ingest_job(settings, pipeline)
     freeze_startup_objects()
-    if settings.catch_up_workers <= 1 or len(by_partition) <= 1:
+    partitions = len({offset_range.partition for offset_range in ranges})
+    if processes <= 1 or partitions <= 1:
         return run_ranges(job, instance, ranges, CATCH_UP_TAGS, echo=echo)
-    return _run_partitions_in_parallel(job, settings, pipeline, instance, list(by_partition.values()), echo)
+    return _run_ranges_in_parallel(job, settings, pipeline, instance, ranges, min(processes, partitions), echo)
 
 
-def _run_partitions_in_parallel(
+WorkerResult = tuple[CatchUpReport, list[str]]  # a worker's report of one range, and its progress lines
+
+
+class _RangesLeft:
+    """The ranges still to run, per partition in offset order. A partition's next range is handed out once its
+    previous one is done, from the partition with the most offsets left: processes then finish together,
+    where handing out whole partitions left one process running the last partition alone."""
+
+    def __init__(self, ranges: list[OffsetRange]) -> None:
+        self._left: dict[int, deque[OffsetRange]] = {}
+        for offset_range in ranges:
+            self._left.setdefault(offset_range.partition, deque()).append(offset_range)
+        self._running: set[int] = set()
+        self._lock = threading.Lock()
+
+    def take(self) -> OffsetRange | None:
+        """The next range to run; None while every partition with ranges left has one running."""
+        with self._lock:
+            ready = [partition for partition, left in self._left.items() if left and partition not in self._running]
+            if not ready:
+                return None
+            partition = max(ready, key=lambda each: sum(offset_range.size for offset_range in self._left[each]))
+            self._running.add(partition)
+            return self._left[partition].popleft()
+
+    def done(self, offset_range: OffsetRange) -> None:
+        with self._lock:
+            self._running.discard(offset_range.partition)
+
+    def give_back(self, offset_range: OffsetRange) -> None:
+        with self._lock:
+            self._left[offset_range.partition].appendleft(offset_range)
+            self._running.discard(offset_range.partition)
+
+    def clear(self) -> None:
+        with self._lock:
+            for left in self._left.values():
+                left.clear()
+
+
+def _run_ranges_in_parallel(
     job: dg.JobDefinition,
     settings: Settings,
     pipeline: Pipeline,
     instance: dg.DagsterInstance,
-    groups: list[list[OffsetRange]],
+    ranges: list[OffsetRange],
+    processes: int,
     echo: Callable[[str], None],
 ) -> CatchUpReport:
-    """Each partition's ranges go to whichever process is free first: this one or a spawned worker.
+    """Each range goes to whichever process is free first: this one or a spawned worker.
 
-    A worker that finishes is handed the next partition at once (from its future's callback), so no
-    process idles while partitions wait. Workers are spawned, not forked: a fork would inherit this
-    process's embedded ClickHouse state.
+    A worker that finishes is handed the next ready range at once (from its future's callback), so no
+    process idles while ranges wait. Workers are spawned, not forked: a fork would inherit this process's
+    embedded ClickHouse state.
     """
     started = time.perf_counter()
-    pending = deque(groups)
-    finished: queue.Queue[Future[CatchUpReport]] = queue.Queue()
+    left = _RangesLeft(ranges)
+    finished: queue.Queue[Future[WorkerResult]] = queue.Queue()
     report = CatchUpReport()
-    workers = min(settings.catch_up_workers - 1, len(groups) - 1)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    idle_workers = processes - 1
+    # Reentrant: a future that is already done runs its callback inside add_done_callback, under this lock.
+    handing_out = threading.RLock()
+    spawn = multiprocessing.get_context("spawn")
+    initargs = (settings, pipeline, instance.get_ref())
+    with ProcessPoolExecutor(idle_workers, mp_context=spawn, initializer=_start_worker, initargs=initargs) as pool:
 
-        def hand_out_next(_: Future[CatchUpReport] | None = None) -> None:
-            try:
-                group = pending.popleft()
-            except IndexError:
-                return
-            try:
-                future = pool.submit(_run_partition, settings, pipeline, instance.get_ref(), group)
-            except (RuntimeError, BrokenProcessPool):  # shutting down or broken: this process takes it
-                pending.appendleft(group)
-                return
-            future.add_done_callback(finished.put)
-            future.add_done_callback(hand_out_next)
+        def hand_out() -> None:
+            nonlocal idle_workers
+            with handing_out:
+                while idle_workers:
+                    offset_range = left.take()
+                    if offset_range is None:
+                        return
+                    try:
+                        future = pool.submit(_run_in_worker, offset_range)
+                    except (RuntimeError, BrokenProcessPool):  # shutting down or broken: this process takes it
+                        left.give_back(offset_range)
+                        return
+                    idle_workers -= 1
+                    future.add_done_callback(functools.partial(worker_done, offset_range))
 
-        for _ in range(workers):
-            hand_out_next()
-        merged = 0
+        def worker_done(offset_range: OffsetRange, future: Future[WorkerResult]) -> None:
+            nonlocal idle_workers
+            left.done(offset_range)
+            with handing_out:
+                idle_workers += 1
+            hand_out()
+            finished.put(future)
+
+        hand_out()
         try:
-            while merged < len(groups):
-                try:
-                    group = pending.popleft()
-                except IndexError:
-                    _merge(report, _worker_report(finished.get()))
+            for _ in ranges:
+                offset_range = left.take()
+                if offset_range is None:  # wait for a worker's range: it may free its partition's next one
+                    partial, lines = _worker_result(finished.get())
+                    for line in lines:
+                        echo(line)
                 else:
-                    _merge(report, run_ranges(job, instance, group, CATCH_UP_TAGS, echo=echo))
-                merged += 1
+                    partial = run_ranges(job, instance, [offset_range], CATCH_UP_TAGS, echo=echo)
+                    left.done(offset_range)
+                    hand_out()
+                _merge(report, partial)
         except BaseException:
-            pending.clear()  # hand out nothing more; the pool's exit waits for the partitions already running
+            left.clear()  # hand out nothing more; the pool's exit waits for the ranges already running
             raise
     report.seconds = time.perf_counter() - started
     report.peak_rss_bytes = max(report.peak_rss_bytes, peak_rss_bytes())
     return report
 
 
-def _worker_report(future: Future[CatchUpReport]) -> CatchUpReport:
+def _worker_result(future: Future[WorkerResult]) -> WorkerResult:
     try:
         return future.result()
     except BrokenProcessPool as error:
@@ -234,13 +312,22 @@ def _merge(report: CatchUpReport, partial: CatchUpReport) -> None:
     report.peak_rss_bytes = max(report.peak_rss_bytes, partial.peak_rss_bytes)
 
 
-def _run_partition(
-    settings: Settings, pipeline: Pipeline, instance_ref: InstanceRef, ranges: list[OffsetRange]
-) -> CatchUpReport:
-    job = ingest_job(settings, pipeline)
-    with dg.DagsterInstance.from_ref(instance_ref) as instance:
-        freeze_startup_objects()
-        return run_ranges(job, instance, ranges, CATCH_UP_TAGS)
+_worker: tuple[dg.JobDefinition, dg.DagsterInstance] | None = None  # a worker process's job and instance
+
+
+def _start_worker(settings: Settings, pipeline: Pipeline, instance_ref: InstanceRef) -> None:
+    """A worker process builds the job and opens the instance once, for every range it is handed."""
+    global _worker
+    _worker = (ingest_job(settings, pipeline), dg.DagsterInstance.from_ref(instance_ref))
+    freeze_startup_objects()
+
+
+def _run_in_worker(offset_range: OffsetRange) -> WorkerResult:
+    """One range in a worker; its progress lines go back to the catch-up process, which echoes them."""
+    assert _worker is not None, "the pool's initializer builds the worker's job"
+    job, instance = _worker
+    lines: list[str] = []
+    return run_ranges(job, instance, [offset_range], CATCH_UP_TAGS, echo=lines.append), lines
 
 
 def _first_error(result: dg.ExecuteInProcessResult) -> str:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clickhouse_etl.core.ranges import OffsetRange, plan_ranges, split_range
+from clickhouse_etl.core.ranges import OffsetRange, balanced_run_size, plan_ranges, split_evenly, split_range
 
 
 @pytest.mark.parametrize(("start", "end"), [(5, 5), (6, 5), (-1, 3), (-5, -1), (0, 0)])
@@ -82,6 +82,49 @@ def test_split_range_is_contiguous_without_overlap_and_bounded(start, length, ma
     assert all(r.size == max_records for r in ranges[:-1])
     assert sum(r.size for r in ranges) == length
     assert len(ranges) == -(-length // max_records)
+
+
+def test_split_evenly_leaves_no_small_remainder():
+    assert split_evenly("t", 0, 0, 1_000_500, 1_000_000) == [
+        OffsetRange("t", 0, 0, 500_250),
+        OffsetRange("t", 0, 500_250, 1_000_500),
+    ]
+    assert split_evenly("t", 3, 10, 35, 10) == [
+        OffsetRange("t", 3, 10, 18),
+        OffsetRange("t", 3, 18, 26),
+        OffsetRange("t", 3, 26, 35),
+    ]
+    assert split_evenly("t", 3, 10, 10, 10) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    start=st.integers(min_value=0, max_value=10**12),
+    length=st.integers(min_value=0, max_value=5_000),
+    max_records=st.integers(min_value=1, max_value=1_500),
+)
+def test_split_evenly_is_contiguous_bounded_and_as_few_as_split_range(start, length, max_records):
+    end = start + length
+    ranges = split_evenly("t", 7, start, end, max_records)
+    assert len(ranges) == len(split_range("t", 7, start, end, max_records))
+    if length == 0:
+        assert ranges == []
+        return
+    assert ranges[0].start == start and ranges[-1].end == end
+    for before, after in itertools.pairwise(ranges):
+        assert before.end == after.start
+    assert all(r.topic == "t" and r.partition == 7 for r in ranges)
+    assert all(1 <= r.size <= max_records for r in ranges)
+    assert max(r.size for r in ranges) - min(r.size for r in ranges) <= 1
+
+
+def test_balanced_run_size_halves_a_process_share_within_its_bounds():
+    # Three partitions of 1M on two processes: runs of at most 750,000, so each partition makes two.
+    assert balanced_run_size([1_000_000] * 3, 2, 1_000_000, 125_000) == 750_000
+    assert balanced_run_size([1_000_000] * 3, 1, 1_000_000, 125_000) == 1_000_000  # one process: no cut
+    assert balanced_run_size([1_000_000] * 3, 2, 500_000, 125_000) == 500_000  # never above max_records
+    assert balanced_run_size([100_000] * 3, 2, 1_000_000, 125_000) == 125_000  # never below min_records
+    assert balanced_run_size([100_000] * 3, 2, 5_000, 125_000) == 5_000  # max_records first
 
 
 def test_plan_nothing_when_caught_up():
