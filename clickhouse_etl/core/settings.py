@@ -106,7 +106,7 @@ class Settings(BaseSettings):
         default=2,
         ge=1,
         le=64,
-        description="Processes catch-up runs partitions in (each takes the next partition when free)",
+        description="Processes catch-up runs ranges in (each takes the next ready range when free)",
     )
     # librdkafka hands out a batch at a higher cost per message the larger the batch asked for: a 333,000
     # message partition reads in about half the time at 1,000 per consume() call as at 100,000.
