@@ -191,7 +191,7 @@ def catch_up(
 WorkerResult = tuple[CatchUpReport, list[str]]  # a worker's report of one range, and its progress lines
 
 
-class _RangesLeft:
+class RangesLeft:
     """The ranges still to run, per partition in offset order. A partition's next range is handed out once its
     previous one is done, from the partition with the most offsets left: processes then finish together,
     where handing out whole partitions left one process running the last partition alone."""
@@ -244,7 +244,7 @@ def _run_ranges_in_parallel(
     embedded ClickHouse state.
     """
     started = time.perf_counter()
-    left = _RangesLeft(ranges)
+    left = RangesLeft(ranges)
     finished: queue.Queue[Future[WorkerResult]] = queue.Queue()
     report = CatchUpReport()
     idle_workers = processes - 1
@@ -327,7 +327,10 @@ def _run_in_worker(offset_range: OffsetRange) -> WorkerResult:
     assert _worker is not None, "the pool's initializer builds the worker's job"
     job, instance = _worker
     lines: list[str] = []
-    return run_ranges(job, instance, [offset_range], CATCH_UP_TAGS, echo=lines.append), lines
+    try:
+        return run_ranges(job, instance, [offset_range], CATCH_UP_TAGS, echo=lines.append), lines
+    except CatchUpError as error:  # the failed attempts' lines travel with the error
+        raise CatchUpError("\n".join([*lines, str(error)])) from None
 
 
 def _first_error(result: dg.ExecuteInProcessResult) -> str:

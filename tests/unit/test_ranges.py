@@ -61,15 +61,16 @@ def test_split_range_example():
     assert split_range("t", 3, 10, 10, 10) == []
 
 
+@pytest.mark.parametrize("split", [split_range, split_evenly])
 @settings(max_examples=200, deadline=None)
 @given(
     start=st.integers(min_value=0, max_value=10**12),
     length=st.integers(min_value=0, max_value=5_000),
     max_records=st.integers(min_value=1, max_value=1_500),
 )
-def test_split_range_is_contiguous_without_overlap_and_bounded(start, length, max_records):
+def test_splits_are_contiguous_without_overlap_bounded_and_fewest(split, start, length, max_records):
     end = start + length
-    ranges = split_range("t", 7, start, end, max_records)
+    ranges = split("t", 7, start, end, max_records)
     if length == 0:
         assert ranges == []
         return
@@ -79,9 +80,12 @@ def test_split_range_is_contiguous_without_overlap_and_bounded(start, length, ma
         assert before.end == after.start
     assert all(r.topic == "t" and r.partition == 7 for r in ranges)
     assert all(1 <= r.size <= max_records for r in ranges)
-    assert all(r.size == max_records for r in ranges[:-1])
     assert sum(r.size for r in ranges) == length
     assert len(ranges) == -(-length // max_records)
+    if split is split_range:  # full ranges and a remainder
+        assert all(r.size == max_records for r in ranges[:-1])
+    else:  # sizes within one of each other
+        assert max(r.size for r in ranges) - min(r.size for r in ranges) <= 1
 
 
 def test_split_evenly_leaves_no_small_remainder():
@@ -95,27 +99,6 @@ def test_split_evenly_leaves_no_small_remainder():
         OffsetRange("t", 3, 26, 35),
     ]
     assert split_evenly("t", 3, 10, 10, 10) == []
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    start=st.integers(min_value=0, max_value=10**12),
-    length=st.integers(min_value=0, max_value=5_000),
-    max_records=st.integers(min_value=1, max_value=1_500),
-)
-def test_split_evenly_is_contiguous_bounded_and_as_few_as_split_range(start, length, max_records):
-    end = start + length
-    ranges = split_evenly("t", 7, start, end, max_records)
-    assert len(ranges) == len(split_range("t", 7, start, end, max_records))
-    if length == 0:
-        assert ranges == []
-        return
-    assert ranges[0].start == start and ranges[-1].end == end
-    for before, after in itertools.pairwise(ranges):
-        assert before.end == after.start
-    assert all(r.topic == "t" and r.partition == 7 for r in ranges)
-    assert all(1 <= r.size <= max_records for r in ranges)
-    assert max(r.size for r in ranges) - min(r.size for r in ranges) <= 1
 
 
 def test_balanced_run_size_halves_a_process_share_within_its_bounds():
