@@ -35,7 +35,7 @@ CATCH_UP_TAGS = {tags.TRIGGER: "catch-up"}
 # this: a run's fixed cost (about 0.3 CPU seconds, a quarter second of Dagster) outweighs the balance below it.
 # `clickhouse-etl bench` (1M, 333,000 per partition), two processes, in turn: six runs of 167,000 made
 # 129,976 / 125,967 events/s, three runs 138,073 / 134,809; at 3M six runs of 500,000 made 177,568 / 192,853,
-# three or four runs of about 1,000,000 made 157,599 / 161,493.
+# four or five runs of up to 1,000,000 made 157,599 / 161,493.
 SMALLEST_BALANCING_CUT = 4 * INSERT_WINDOW
 
 
