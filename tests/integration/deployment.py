@@ -107,11 +107,16 @@ class Deployment:
         return [run for run in started if run.tags.get(tags.WORKER_RUN) == run.run_id]
 
     def caught_up(self, pipeline: Pipeline, highs: dict[int, int]) -> bool:
-        """Every partition committed up to its high watermark, and no run of the pipeline in flight."""
+        """Every partition committed up to its high watermark with no range left in flight or failed (a failed
+        run's retry may still be on its way when the ranges after it are committed), and no run in flight."""
         entries = run_records.read_ledger(self.instance, pipeline.job_name, pipeline.topic)
         in_flight = self.instance.get_runs_count(dg.RunsFilter(job_name=pipeline.job_name, statuses=IN_FLIGHT))
         return in_flight == 0 and all(
-            partition in entries and entries[partition].committed_end == high for partition, high in highs.items()
+            partition in entries
+            and entries[partition].committed_end == high
+            and not entries[partition].in_flight
+            and not entries[partition].failed
+            for partition, high in highs.items()
         )
 
     def assert_ranges_contiguous(self, pipeline: Pipeline) -> None:
