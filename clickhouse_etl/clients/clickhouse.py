@@ -21,6 +21,8 @@ from typing import Any
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from clickhouse_etl.core.processes import return_free_heap
+
 log = logging.getLogger("clickhouse_etl")
 
 # The embedded chDB allocates through its own jemalloc, which reads this variable when the library is loaded
@@ -112,6 +114,7 @@ def clickhouse_session(dsn: str, timeout: float) -> Iterator[Client]:
         path = Path(dsn.removeprefix("chdb://"))
         path.mkdir(parents=True, exist_ok=True)
         with _embedded_store_lock(path, timeout):
+            return_free_heap()  # the engine's allocations then come on top of what is in use only
             client = _connect(dsn, timeout)
             try:
                 yield client

@@ -13,6 +13,7 @@ import polars as pl
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from clickhouse_etl.core.collector import collections_paused
+from clickhouse_etl.core.processes import return_free_heap
 from clickhouse_etl.core.ranges import OffsetRange, split_range
 
 COLUMN_CHUNK = 65_536  # messages turned into polars columns at a time while a range is read
@@ -161,6 +162,9 @@ class KafkaReader:
                 while current < len(windows) and windows[current].end <= position:
                     yield windows[current], completed_window()
                     current += 1
+        # The consumer's fetch queue and message buffers, freed at close, would otherwise stay resident in the C
+        # heap while the later stages of the run allocate on top of them.
+        return_free_heap()
 
     @staticmethod
     def _handle_errors(batch: list, offset_range: OffsetRange, position: int) -> int:

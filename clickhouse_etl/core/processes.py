@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import resource
+from collections.abc import Callable
 
 
 def process_alive(pid: int) -> bool:
@@ -36,3 +39,22 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's; other C libraries lack it
+    except (AttributeError, OSError):
+        return None
+
+
+def return_free_heap() -> None:
+    """Give the pages the C heap holds free back to the system, where the C library can (glibc).
+
+    glibc keeps what a step freed (Kafka's fetch buffers, Python's larger objects) resident in its arenas;
+    trimmed before a memory-hungry phase, that phase's peak stacks on what is in use, not on what was.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
