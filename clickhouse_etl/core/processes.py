@@ -1,4 +1,5 @@
-"""Whether a process is alive (a run's recorded worker, a service the local stack started); its peak memory."""
+"""Whether a process is alive (a run's recorded worker, a service the local stack started); its peak memory,
+and giving back the memory its C heap holds free."""
 
 from __future__ import annotations
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 import sys
 
 import pytest
-
-from clickhouse_etl.core.processes import _malloc_trim
 
 # 256 MiB in blocks below glibc's mmap threshold (so on the heap), all freed but the last: the block in use
 # at the top keeps free() from shrinking the heap, so the freed pages stay resident until trimmed.
@@ -35,7 +34,7 @@ print(json.dumps([held, resident_anonymous_bytes()]))
 """
 
 
-@pytest.mark.skipif(_malloc_trim() is None, reason="the C library has no malloc_trim (not glibc)")
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "malloc_trim"), reason="no malloc_trim: not glibc")
 def test_freed_heap_pages_below_a_block_in_use_are_returned() -> None:
     child = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True)
     held, after = json.loads(child.stdout)
