@@ -36,7 +36,7 @@ from clickhouse_etl.dev.bench import BenchError, create_topic, loaded_counts, wi
 from clickhouse_etl.dev.datasets import dataset_for
 from clickhouse_etl.dev.producing import produce_steady, topic_partitions
 from clickhouse_etl.orchestration import tags
-from clickhouse_etl.orchestration.instance import export_dagster_home
+from clickhouse_etl.orchestration.instance import create_instance_storage, export_dagster_home
 from clickhouse_etl.tools.catchup import kafka_reader
 from clickhouse_etl.tools.commands import daemon_command, worker_command
 from clickhouse_etl.tools.processes import stop_process_group
@@ -386,7 +386,7 @@ def run_live(
             }
         )
         export_dagster_home(live_settings)
-        dg.DagsterInstance.from_config(dagster_home).dispose()  # create the storage before processes share it
+        create_instance_storage(dagster_home)
         log_path = Path(dagster_home) / "daemon.log"
         say(f"starting the Dagster daemon for topic {topic} (log: {log_path})…")
         daemon = start_daemon(live_settings, log_path)

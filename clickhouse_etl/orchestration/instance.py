@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from importlib import resources
@@ -73,3 +74,17 @@ def export_dagster_home(settings: Settings) -> str:
     home = install_dagster_yaml(settings)
     os.environ.update(instance_environment(settings))
     return home
+
+
+def create_instance_storage(home: str) -> None:
+    """Open the instance at `home` once, so that its storage exists before Dagster processes share it.
+
+    Processes that open a fresh SQLite storage at the same moment each run its schema migrations, and all but
+    one fail (`UNIQUE constraint failed: alembic_version.version_num`): `clickhouse-etl dev` starts the
+    webserver, the daemon and the run workers together. The lock makes commands started at once take turns.
+    """
+    import dagster as dg
+
+    with open(Path(home) / ".storage.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        dg.DagsterInstance.from_config(home).dispose()

@@ -305,12 +305,12 @@ def worker_command(settings: Settings, concurrency: int, name: str, verbose: boo
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    from clickhouse_etl.orchestration.instance import export_dagster_home
+    from clickhouse_etl.orchestration.instance import create_instance_storage, export_dagster_home
     from clickhouse_etl.orchestration.launcher import worker_name
 
     if settings.run_launcher != "celery":
         raise UsageError("CLICKHOUSE_ETL_RUN_LAUNCHER is default: Dagster starts a process per run, not a worker")
-    export_dagster_home(settings)
+    create_instance_storage(export_dagster_home(settings))
     os.environ["CLICKHOUSE_ETL_DATA_DIR"] = str(settings.data_dir)
     command = worker_command(settings, args.concurrency or settings.workers, args.name or worker_name(0), args.verbose)
     print(f"run worker {args.name or worker_name(0)}: {args.concurrency or settings.workers} process(es)", flush=True)
@@ -325,20 +325,21 @@ def daemon_command(verbose: bool = False) -> list[str]:
 
 def _daemon(settings: Settings, args: argparse.Namespace) -> int:
     from clickhouse_etl.orchestration.daemon import run_daemon
-    from clickhouse_etl.orchestration.instance import export_dagster_home, workspace_file
+    from clickhouse_etl.orchestration.instance import create_instance_storage, export_dagster_home, workspace_file
 
-    export_dagster_home(settings)
+    create_instance_storage(export_dagster_home(settings))
     run_daemon(workspace_file(), settings.sensor_interval_seconds, "debug" if args.verbose else "warning")
     return 0
 
 
 def _dev(settings: Settings, args: argparse.Namespace) -> int:
     """The webserver, the daemon and the run workers, stopped together on Ctrl-C."""
-    from clickhouse_etl.orchestration.instance import export_dagster_home, workspace_file
+    from clickhouse_etl.orchestration.instance import create_instance_storage, export_dagster_home, workspace_file
     from clickhouse_etl.orchestration.launcher import worker_name
 
     pipelines = configured_pipelines(settings)
     home = export_dagster_home(settings)
+    create_instance_storage(home)
     ensure_pipeline_tables(settings, pipelines)
     # Dagster's processes read the same settings: pin the data folder so they find it from any directory.
     os.environ["CLICKHOUSE_ETL_DATA_DIR"] = str(settings.data_dir)
