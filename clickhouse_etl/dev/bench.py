@@ -48,7 +48,7 @@ from clickhouse_etl.dev.datasets import dataset_for
 from clickhouse_etl.dev.pass_through import PassThroughError, PassThroughResult, run_pass_through
 from clickhouse_etl.dev.prefill import PrefillReport, prefill_store, store_size
 from clickhouse_etl.dev.producing import produce_count
-from clickhouse_etl.orchestration.instance import install_dagster_yaml
+from clickhouse_etl.orchestration.instance import create_instance_storage, install_dagster_yaml
 from clickhouse_etl.orchestration.ops import STAGES
 from clickhouse_etl.steps.filtering import NetworkRules
 
@@ -204,8 +204,7 @@ def _catch_up_in_child(settings: Settings, pipeline: Pipeline, dagster_home: str
     )
     # The instance's storage is created before the clock starts: a deployment's catch-up finds it in place
     # (creating it costs most of a second, once).
-    with dg.DagsterInstance.from_config(install_dagster_yaml(child_settings)):
-        pass
+    create_instance_storage(install_dagster_yaml(child_settings))
     env = {**os.environ, **settings_environment(child_settings)}
     claims = redis.Redis.from_url(settings.redis_url)
     redis_cpu, children_before = _redis_cpu_seconds(claims), resource.getrusage(resource.RUSAGE_CHILDREN)
