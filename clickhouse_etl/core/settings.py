@@ -96,6 +96,11 @@ class Settings(BaseSettings):
         default="INFO", description="Run logs from this level on: INFO logs one line per run, DEBUG every event"
     )
     max_records_per_run: int = Field(default=1_000_000, ge=1, description="Largest offset range one run processes")
+    run_memory_budget_mib: int = Field(
+        default=128,
+        ge=0,
+        description="Memory a run keeps the windows of its frames in; beyond it, they go to its scratch folder",
+    )
     max_batch_wait_seconds: float = Field(
         default=5.0, ge=0, description="A tail smaller than a full range is flushed once it waited this long"
     )

@@ -1,10 +1,11 @@
 """The batch an ingest run hands from op to op: one range on its way through the stages.
 
-A range's frames are kept as windows of offsets (the load's insert windows), each window in an Arrow IPC
-file of the run's scratch folder: every stage reads, transforms and writes one window at a time, so a run's
-memory holds one window's frames whatever the range's size, while each stage still runs — and shows in the
-UI — as one op over the whole range. A range of one window keeps it in memory: writing and reading a window
-costs about 14 ms per 125,000 events at each of the eight hand-overs, for nothing when one window is all.
+A range's frames are kept as windows of offsets (the load's insert windows): every stage reads, transforms and
+writes one window at a time, while each stage still runs — and shows in the UI — as one op over the whole range.
+The run's WindowStore keeps a window in memory while the run's windows in memory fit its memory budget, and
+in an Arrow IPC file of the run's scratch folder beyond it: a run's memory holds at most the budget and one
+window's frames whatever the range's size. Writing and reading a file costs about 15 ms per 125,000 events at
+each hand-over, so windows that fit stay in memory; a range of one window is always kept in memory.
 """
 
 from __future__ import annotations
@@ -24,24 +25,50 @@ from clickhouse_etl.steps.load import TableLoad
 _file_numbers = itertools.count()
 
 
-@dataclass(frozen=True)
-class Windows:
-    """One frame of a range, per window of offsets in window order: each in an IPC file, or kept in memory."""
+@dataclass
+class WindowStore:
+    """Where one run keeps its frames' windows: in memory while all it keeps there fits `budget_bytes`, in IPC
+    files of `folder` beyond. Without a folder (a range of one window) every window stays in memory."""
 
-    files: tuple[tuple[OffsetRange, Path | pl.DataFrame, int], ...]  # window, its file (or frame), rows
+    folder: Path | None
+    budget_bytes: int = 0
+    # The estimated size of the windows in memory until each is forgotten. Windows an op kept before it failed
+    # are never forgotten: its retry then writes to files sooner, never holding more than the budget.
+    kept_bytes: int = 0
+
+    def keep(self, name: str, window: OffsetRange, frame: pl.DataFrame) -> tuple[Path | pl.DataFrame, int]:
+        """The frame itself, or the file it was written to; and the bytes of the budget it holds."""
+        if self.folder is None:
+            return frame, 0
+        size = frame.estimated_size()
+        if self.kept_bytes + size <= self.budget_bytes:
+            self.kept_bytes += size
+            return frame, size
+        path = self.folder / f"{name}-{next(_file_numbers)}-{window.start}.arrow"
+        frame.write_ipc(path, compression="uncompressed")
+        return path, 0
+
+    def forget(self, budget_bytes: int) -> None:
+        self.kept_bytes -= budget_bytes
+
+
+@dataclass(eq=False)
+class Windows:
+    """One frame of a range, per window of offsets in window order: each in memory or in an IPC file."""
+
+    files: list[tuple[OffsetRange, Path | pl.DataFrame, int]]  # window, its frame (or file), rows
+    store: WindowStore | None = None  # whose budget the frames in memory hold; given back by delete()
+    budget_bytes: int = 0
 
     @classmethod
-    def write(cls, folder: Path | None, name: str, windows: Iterable[tuple[OffsetRange, pl.DataFrame]]) -> Windows:
-        """The windows in files of `folder`, or kept in memory without one."""
-        files: list[tuple[OffsetRange, Path | pl.DataFrame, int]] = []
+    def write(cls, store: WindowStore, name: str, windows: Iterable[tuple[OffsetRange, pl.DataFrame]]) -> Windows:
+        """The windows, each kept by `store`: in memory within its budget, else in a file."""
+        written = cls([], store)
         for window, frame in windows:
-            if folder is None:
-                files.append((window, frame, frame.height))
-                continue
-            path = folder / f"{name}-{next(_file_numbers)}-{window.start}.arrow"
-            frame.write_ipc(path, compression="uncompressed")
-            files.append((window, path, frame.height))
-        return cls(tuple(files))
+            kept, budget_bytes = store.keep(name, window, frame)
+            written.files.append((window, kept, frame.height))
+            written.budget_bytes += budget_bytes
+        return written
 
     def __iter__(self) -> Iterator[tuple[OffsetRange, pl.DataFrame]]:
         for window, kept, _ in self.files:
@@ -55,18 +82,22 @@ class Windows:
         [kept] = [kept for each, kept, _ in self.files if each == window]
         return self._frame(kept)
 
-    def map(self, folder: Path | None, name: str, step: Callable[[OffsetRange, pl.DataFrame], pl.DataFrame]) -> Windows:
+    def map(self, store: WindowStore, name: str, step: Callable[[OffsetRange, pl.DataFrame], pl.DataFrame]) -> Windows:
         """The frame after `step`, applied window by window."""
-        return Windows.write(folder, name, ((window, step(window, frame)) for window, frame in self))
+        return Windows.write(store, name, ((window, step(window, frame)) for window, frame in self))
 
     @property
     def height(self) -> int:
         return sum(rows for _, _, rows in self.files)
 
     def delete(self) -> None:
+        """Remove the files and let go of the frames in memory (giving their share of the budget back)."""
         for _, kept, _ in self.files:
             if isinstance(kept, Path):
                 kept.unlink(missing_ok=True)
+        if self.store is not None:
+            self.store.forget(self.budget_bytes)
+        self.files, self.budget_bytes = [], 0
 
 
 @dataclass
@@ -75,7 +106,7 @@ class Batch:
 
     offset_range: OffsetRange
     force: bool
-    scratch: Path | None  # the run's folder for the windows' files; None: a range of one window, in memory
+    store: WindowStore  # where the windows of its frames are kept
     events: Windows
     raw: Windows | None = None  # the messages as read, for dead letters of later stages
     dead_letters: tuple[Windows, ...] = ()  # kafka_partition, kafka_offset, raw_value, error
@@ -92,8 +123,8 @@ class Batch:
         return dataclasses.replace(self, events=events, counts=counts, seconds=seconds, **changes)  # type: ignore[arg-type]
 
     def release(self, successor: Batch) -> None:
-        """Delete the files the successor no longer reads: the in-memory IO manager keeps every op's output
-        until the run ends, so this batch's frames would otherwise stay on disk as long.
+        """Delete the windows the successor no longer reads: the in-memory IO manager keeps every op's output
+        until the run ends, so this batch's frames would otherwise stay on disk (or in memory) as long.
 
         Called as an op's last step, after its work succeeded, so a retried op still finds its input.
         """

@@ -20,7 +20,7 @@ from clickhouse_etl.core.backfill import plan_backfill
 from clickhouse_etl.core.failpoints import failpoint
 from clickhouse_etl.core.ranges import OffsetRange
 from clickhouse_etl.orchestration import tags
-from clickhouse_etl.orchestration.batch import Batch, Windows
+from clickhouse_etl.orchestration.batch import Batch, Windows, WindowStore
 from clickhouse_etl.orchestration.resources import (
     ClaimsResource,
     KafkaResource,
@@ -72,6 +72,7 @@ def read(
     kafka: KafkaResource,
     pipeline: PipelineResource,
     scratch: RunScratch,
+    limits: RunLimits,
 ) -> Batch:
     started = time.perf_counter()
     declared = pipeline.pipeline
@@ -83,14 +84,15 @@ def read(
     # Dagster's default run launcher cannot tell a live run worker from a killed one: record this process.
     context.instance.add_run_tags(context.run_id, tags.worker_tags(context.run_id))
     failpoint("before_read")
-    folder = scratch.folder if offset_range.size > loading.INSERT_WINDOW else None
+    one_window = offset_range.size <= loading.INSERT_WINDOW
+    store = WindowStore(None) if one_window else WindowStore(scratch.folder, limits.window_memory_bytes)
     reader = kafka.reader(declared.consumer_group)
     try:
-        raw = Windows.write(folder, "raw", reader.read_windows(offset_range, loading.INSERT_WINDOW))
+        raw = Windows.write(store, "raw", reader.read_windows(offset_range, loading.INSERT_WINDOW))
     except (OffsetGapError, OffsetRangeError) as error:
         # Retrying cannot bring offsets back or move a watermark: fail at once, with the reason.
         raise dg.Failure(description=str(error), allow_retries=False) from error
-    batch = Batch(offset_range, config.force, folder, events=raw, raw=raw, counts={"read": raw.height})
+    batch = Batch(offset_range, config.force, store, events=raw, raw=raw, counts={"read": raw.height})
     batch.seconds["read"] = time.perf_counter() - started
     _output_metadata(context, batch, "read")
     failpoint("after_read")
@@ -108,8 +110,8 @@ def decode_events(context: dg.OpExecutionContext, batch: Batch, pipeline: Pipeli
         dead_letters.append((window, decoded.dead_letters))
         return decoded.events
 
-    events = batch.events.map(batch.scratch, "decoded", decode_window)
-    malformed = Windows.write(batch.scratch, "malformed", dead_letters)
+    events = batch.events.map(batch.store, "decoded", decode_window)
+    malformed = Windows.write(batch.store, "malformed", dead_letters)
     out = batch.advance(
         "decode",
         started,
@@ -145,7 +147,7 @@ def dedup_events(
         previous = claims.claim(namespace, keys, positions, declared.dedup.ttl_seconds)
         return candidates.filter(dedup.kept_by_claims(positions, previous))
 
-    kept = batch.events.map(batch.scratch, "unique", kept_in_window)
+    kept = batch.events.map(batch.store, "unique", kept_in_window)
     out = batch.advance("dedup", started, kept, counts={"duplicates": batch.events.height - kept.height})
     _output_metadata(context, out, "dedup", duplicates=out.counts["duplicates"])
     batch.release(out)
@@ -193,13 +195,13 @@ def enrich_events(
                 dead_letters.append((window, _raw_dead_letters(batch.raw.window(window), rows, pl.col("reason"))))
         return events
 
-    events = batch.events.map(batch.scratch, "enriched", enrich_window)
+    events = batch.events.map(batch.store, "enriched", enrich_window)
     versions = {name: {"version": s.version, "source": s.source} for name, s in snapshots.items()}
     out = batch.advance(
         "enrich",
         started,
         events,
-        dead_letters=batch.with_dead_letters(Windows.write(batch.scratch, "unmatched", dead_letters)),
+        dead_letters=batch.with_dead_letters(Windows.write(batch.store, "unmatched", dead_letters)),
         counts=unmatched,
         facts={**batch.facts, "snapshots": versions},
     )
@@ -219,7 +221,7 @@ def filter_events(context: dg.OpExecutionContext, batch: Batch, pipeline: Pipeli
     started = time.perf_counter()
     rules = pipeline.pipeline.filter
     kept = batch.events.map(
-        batch.scratch, "filtered", lambda _, events: events.filter(~filtering.dropped_mask(events, rules))
+        batch.store, "filtered", lambda _, events: events.filter(~filtering.dropped_mask(events, rules))
     )
     out = batch.advance("filter", started, kept, counts={"filtered": batch.events.height - kept.height})
     _output_metadata(context, out, "filter", filtered=out.counts["filtered"])
@@ -248,13 +250,13 @@ def transform_events(context: dg.OpExecutionContext, batch: Batch, pipeline: Pip
         dropped_by_python += shaped.dropped_by_python
         return shaped.rows
 
-    rows = batch.events.map(batch.scratch, "rows", shape_window)
+    rows = batch.events.map(batch.store, "rows", shape_window)
     out = batch.advance(
         "transform",
         started,
         rows,
         raw=None,  # no later stage dead-letters
-        dead_letters=batch.with_dead_letters(Windows.write(batch.scratch, "rejected", rejected)),
+        dead_letters=batch.with_dead_letters(Windows.write(batch.store, "rejected", rejected)),
         counts={"filtered": batch.counts["filtered"] + dropped_by_python},
     )
     _output_metadata(context, out, "transform", rejected=sum(frame.height for _, frame in rejected))
@@ -324,7 +326,7 @@ def load(
     out = batch.advance(
         "load",
         started,
-        Windows(()),
+        Windows([]),
         tables=loaded,
         counts={"loaded": batch.events.height, "dead_lettered": sizes.get(declared.sink.dead_letters, 0)},
         partials={},

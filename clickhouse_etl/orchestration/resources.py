@@ -90,9 +90,15 @@ class WarehouseResource(dg.ConfigurableResource):
 
 
 class RunLimits(dg.ConfigurableResource):
-    """How large a run may be: backfills are cut into runs of at most this many offsets."""
+    """How large a run may be: backfills are cut into runs of at most this many offsets; and how much memory
+    a run keeps its frames' windows in before it writes them to its scratch folder (orchestration.batch)."""
 
     max_records_per_run: int = Field(default=1_000_000, description="Largest range one run processes")
+    memory_budget_mib: int = Field(default=128, description="Memory for the windows of a run's frames")
+
+    @property
+    def window_memory_bytes(self) -> int:
+        return self.memory_budget_mib * 2**20
 
 
 class PipelineTopics(dg.ConfigurableResource):
@@ -175,6 +181,8 @@ def resources_from_settings(settings: Settings) -> dict[str, dg.ConfigurableReso
             dedup_window=settings.clickhouse_dedup_window,
             lock_timeout_seconds=settings.clickhouse_lock_timeout_seconds,
         ),
-        "limits": RunLimits(max_records_per_run=settings.max_records_per_run),
+        "limits": RunLimits(
+            max_records_per_run=settings.max_records_per_run, memory_budget_mib=settings.run_memory_budget_mib
+        ),
         "scratch": RunScratch(),
     }

@@ -1,5 +1,6 @@
-"""A range larger than one insert window goes through every stage window by window, its frames in files of
-the run's own folder: the result is exactly the range's, a replay writes nothing, and no file is left."""
+"""A range larger than one insert window goes through every stage window by window, its frames in memory
+within the run's budget or in files of the run's own folder beyond it: the result is exactly the range's
+either way, a replay writes nothing, and no file is left."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ pytestmark = pytest.mark.integration
 WINDOW = 700  # about five windows per range of this test
 
 
+@pytest.mark.parametrize("budget_mib", [0, 128], ids=["windows in files", "windows in memory"])
 def test_ranges_of_several_windows_load_exactly_and_replay_unchanged(
+    budget_mib: int,
     settings: Settings,
     pipeline: Pipeline,
     instance: dg.DagsterInstance,
@@ -33,7 +36,8 @@ def test_ranges_of_several_windows_load_exactly_and_replay_unchanged(
 ) -> None:
     monkeypatch.setattr(loading, "INSERT_WINDOW", WINDOW)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the runs' folders, where this test sees them
-    in_process = settings.model_copy(update={"catch_up_workers": 1})  # the smaller window holds in this process
+    # The smaller window holds in this process only.
+    in_process = settings.model_copy(update={"catch_up_workers": 1, "run_memory_budget_mib": budget_mib})
     produce(settings, pipeline, 9_000, seed=71)
 
     report = run_catch_up(in_process, pipeline, instance)
