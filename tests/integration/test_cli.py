@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 
+import dagster as dg
 import pytest
 
 from clickhouse_etl.core.pipeline.model import Pipeline
 from clickhouse_etl.core.settings import Settings
+from clickhouse_etl.orchestration import tags
 
 from .helpers import cli
 
@@ -25,6 +27,10 @@ def test_produce_catch_up_and_query(settings: Settings, pipeline: Pipeline, tmp_
     assert caught_up.returncode == 0, caught_up.stderr[-3000:]
     assert re.search(r"ad_clicks caught up: \d+ range\(s\), 20000 offsets", caught_up.stdout)
     assert re.search(r"; peak RSS [1-9][\d,]* MiB \(the largest of its processes\)", caught_up.stdout)
+    # Three partitions on the default two processes: the worker, started with the command, ran some of them.
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        processes = {record.dagster_run.tags[tags.PID] for record in instance.get_run_records()}
+    assert len(processes) == 2
 
     counted = cli(
         settings,
