@@ -27,7 +27,7 @@ def test_produce_catch_up_and_query(settings: Settings, pipeline: Pipeline, tmp_
     assert caught_up.returncode == 0, caught_up.stderr[-3000:]
     assert re.search(r"ad_clicks caught up: \d+ range\(s\), 20000 offsets", caught_up.stdout)
     assert re.search(r"; peak RSS [1-9][\d,]* MiB \(the largest of its processes\)", caught_up.stdout)
-    # Three partitions on the default two processes: the worker, started with the command, ran some of them.
+    # Three partitions on the default two processes: the catch-up's worker process ran some of them.
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         processes = {record.dagster_run.tags[tags.PID] for record in instance.get_run_records()}
     assert len(processes) == 2
