@@ -57,7 +57,7 @@ class Windows:
     """One frame of a range, per window of offsets in window order: each in memory or in an IPC file."""
 
     files: list[tuple[OffsetRange, Path | pl.DataFrame, int]]  # window, its frame (or file), rows
-    store: WindowStore | None = None  # whose budget the frames in memory hold; given back by delete()
+    store: WindowStore  # whose budget the frames in memory hold; given back by delete()
     budget_bytes: int = 0
 
     @classmethod
@@ -95,8 +95,7 @@ class Windows:
         for _, kept, _ in self.files:
             if isinstance(kept, Path):
                 kept.unlink(missing_ok=True)
-        if self.store is not None:
-            self.store.forget(self.budget_bytes)
+        self.store.forget(self.budget_bytes)
         self.files, self.budget_bytes = [], 0
 
 

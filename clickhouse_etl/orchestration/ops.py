@@ -326,7 +326,7 @@ def load(
     out = batch.advance(
         "load",
         started,
-        Windows([]),
+        Windows([], batch.store),
         tables=loaded,
         counts={"loaded": batch.events.height, "dead_lettered": sizes.get(declared.sink.dead_letters, 0)},
         partials={},

@@ -92,7 +92,7 @@ def test_release_deletes_only_what_the_successor_no_longer_reads(tmp_path: Path)
 
 def test_empty_dead_letters_are_not_carried_and_leave_no_file(tmp_path: Path) -> None:
     store = WindowStore(tmp_path)
-    batch = Batch(OffsetRange("t", 0, 0, 20), False, store, events=Windows([]))
+    batch = Batch(OffsetRange("t", 0, 0, 20), False, store, events=Windows([], store))
     none = Windows.write(store, "malformed", [(w, f.clear()) for w, f in windows_of(0, 20, 10)])
     assert batch.with_dead_letters(none) == ()
     assert list(tmp_path.iterdir()) == []
