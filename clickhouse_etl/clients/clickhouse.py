@@ -5,6 +5,14 @@ an exclusive file lock for its whole life and is opened only around the work tha
 the lock is bounded by `clickhouse_lock_timeout_seconds`, and a wait longer than a few seconds is logged
 with the process holding the lock (logger `clickhouse_etl`, which runs show in their event log); a server
 DSN needs no lock.
+
+The embedded store merges its parts in the threads of the process holding it, and releasing the store
+cancels the merges running then, discarding their work. A run's load holds the store for a second or less,
+shorter than most merges, so merges were started and thrown away session after session: a core busy for
+nothing while the store was held, and parts never merged (one more per table and run, towards ClickHouse's
+limit of 3,000 parts). A session on the embedded store therefore lets the merges running at its end finish
+before it releases the store (within MERGES_FINISH_SECONDS), and the engine merges parts of at most
+EMBEDDED_MERGE_MAX_BYTES in all, so that a merge always can finish in that time (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -34,6 +42,17 @@ os.environ.setdefault("JE_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
 
 # A load holds the store for a second or two; a wait longer than this is worth a line in the run's log.
 REPORT_WAIT_AFTER_SECONDS = 5.0
+# 128 MiB of parts (about 3.5M rows of the demo's sink table) merge in about 3.5 CPU seconds here, far within
+# MERGES_FINISH_SECONDS on a slower machine too. Parts then stay at 64-128 MiB: 300-600 per billion such rows.
+EMBEDDED_MERGE_MAX_BYTES = 128 * 2**20
+MERGES_FINISH_SECONDS = 30.0
+MERGES_POLL_SECONDS = 0.02
+EMBEDDED_CONFIG = f"""<clickhouse>
+  <merge_tree>
+    <max_bytes_to_merge_at_max_space_in_pool>{EMBEDDED_MERGE_MAX_BYTES}</max_bytes_to_merge_at_max_space_in_pool>
+  </merge_tree>
+</clickhouse>
+"""
 
 
 class ClickHouseUnavailable(RuntimeError):
@@ -79,6 +98,21 @@ def _embedded_store_lock(path: Path, timeout: float) -> Iterator[None]:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
 
+def _embedded_config(path: Path) -> Path:
+    """The engine's configuration file, next to the store (the engine reads it when a process first opens it)."""
+    config = path.with_name(path.name + ".xml")
+    if not config.exists() or config.read_text() != EMBEDDED_CONFIG:
+        config.write_text(EMBEDDED_CONFIG)
+    return config
+
+
+def _finish_merges(client: Client, seconds: float = MERGES_FINISH_SECONDS) -> None:
+    """Wait until no merge runs (at most `seconds`): a merge that finishes is never done again."""
+    deadline = time.monotonic() + seconds
+    while client.command("SELECT count() FROM system.merges") and time.monotonic() < deadline:
+        time.sleep(MERGES_POLL_SECONDS)
+
+
 def _holder(lock_file: Any) -> str:
     lock_file.seek(0)
     last = lock_file.read().strip()
@@ -108,16 +142,22 @@ def _redacted(dsn: str) -> str:
 
 
 @contextmanager
-def clickhouse_session(dsn: str, timeout: float) -> Iterator[Client]:
-    """A ClickHouse client for the duration of the block; closed (and the embedded store released) after."""
+def clickhouse_session(dsn: str, timeout: float, merges_finish: bool = True) -> Iterator[Client]:
+    """A ClickHouse client for the duration of the block; closed (and the embedded store released) after.
+
+    An embedded session that ends without an error first lets its running merges finish (see the module's
+    note), unless `merges_finish` is False.
+    """
     if dsn.startswith("chdb://"):
         path = Path(dsn.removeprefix("chdb://"))
         path.mkdir(parents=True, exist_ok=True)
         with _embedded_store_lock(path, timeout):
             return_free_heap()  # the engine's allocations then come on top of what is in use only
-            client = _connect(dsn, timeout)
+            client = _connect(dsn, timeout, chdb_options={"config-file": str(_embedded_config(path))})
             try:
                 yield client
+                if merges_finish:
+                    _finish_merges(client)
             finally:
                 client.close()
     else:
