@@ -106,7 +106,7 @@ def _embedded_config(path: Path) -> Path:
     return config
 
 
-def _finish_merges(client: Client, seconds: float = MERGES_FINISH_SECONDS) -> None:
+def _wait_for_merges(client: Client, seconds: float = MERGES_FINISH_SECONDS) -> None:
     """Wait until no merge runs (at most `seconds`): a merge that finishes is never done again."""
     deadline = time.monotonic() + seconds
     while client.command("SELECT count() FROM system.merges") and time.monotonic() < deadline:
@@ -142,11 +142,11 @@ def _redacted(dsn: str) -> str:
 
 
 @contextmanager
-def clickhouse_session(dsn: str, timeout: float, merges_finish: bool = True) -> Iterator[Client]:
+def clickhouse_session(dsn: str, timeout: float, finish_merges: bool = True) -> Iterator[Client]:
     """A ClickHouse client for the duration of the block; closed (and the embedded store released) after.
 
     An embedded session that ends without an error first lets its running merges finish (see the module's
-    note), unless `merges_finish` is False.
+    note), unless `finish_merges` is False.
     """
     if dsn.startswith("chdb://"):
         path = Path(dsn.removeprefix("chdb://"))
@@ -156,8 +156,8 @@ def clickhouse_session(dsn: str, timeout: float, merges_finish: bool = True) -> 
             client = _connect(dsn, timeout, chdb_options={"config-file": str(_embedded_config(path))})
             try:
                 yield client
-                if merges_finish:
-                    _finish_merges(client)
+                if finish_merges:
+                    _wait_for_merges(client)
             finally:
                 client.close()
     else:

@@ -191,7 +191,7 @@ def _run_child(topic: str, table: str) -> dict[str, object]:
     # The pass-through stays what its figures have always measured: its merges end with it, finished or not.
     with (
         clickhouse_session(
-            settings.clickhouse_dsn, settings.clickhouse_lock_timeout_seconds, merges_finish=False
+            settings.clickhouse_dsn, settings.clickhouse_lock_timeout_seconds, finish_merges=False
         ) as client,
         reader.consumer() as consumer,
     ):
