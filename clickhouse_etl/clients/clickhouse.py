@@ -99,7 +99,7 @@ def _embedded_store_lock(path: Path, timeout: float) -> Iterator[None]:
 
 
 def _embedded_config(path: Path) -> Path:
-    """The engine's configuration file, next to the store (the engine reads it when a process first opens it)."""
+    """The engine's configuration file, next to the store (the engine reads it when it starts)."""
     config = path.with_name(path.name + ".xml")
     if not config.exists() or config.read_text() != EMBEDDED_CONFIG:
         config.write_text(EMBEDDED_CONFIG)
