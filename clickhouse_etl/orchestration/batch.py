@@ -37,7 +37,7 @@ class WindowStore:
     kept_bytes: int = 0
 
     def keep(self, name: str, window: OffsetRange, frame: pl.DataFrame) -> tuple[Path | pl.DataFrame, int]:
-        """The frame itself, or the file it was written to; and the bytes of the budget it holds."""
+        """The frame itself, or the file it was written to; and how many bytes of the budget it now holds."""
         if self.folder is None:
             return frame, 0
         size = frame.estimated_size()
@@ -48,8 +48,8 @@ class WindowStore:
         frame.write_ipc(path, compression="uncompressed")
         return path, 0
 
-    def forget(self, budget_bytes: int) -> None:
-        self.kept_bytes -= budget_bytes
+    def forget(self, held_bytes: int) -> None:
+        self.kept_bytes -= held_bytes
 
 
 @dataclass(eq=False)
@@ -58,16 +58,16 @@ class Windows:
 
     files: list[tuple[OffsetRange, Path | pl.DataFrame, int]]  # window, its frame (or file), rows
     store: WindowStore  # whose budget the frames in memory hold; given back by delete()
-    budget_bytes: int = 0
+    held_bytes: int = 0  # of the store's budget, by this frame's windows in memory
 
     @classmethod
     def write(cls, store: WindowStore, name: str, windows: Iterable[tuple[OffsetRange, pl.DataFrame]]) -> Windows:
         """The windows, each kept by `store`: in memory within its budget, else in a file."""
         written = cls([], store)
         for window, frame in windows:
-            kept, budget_bytes = store.keep(name, window, frame)
+            kept, held_bytes = store.keep(name, window, frame)
             written.files.append((window, kept, frame.height))
-            written.budget_bytes += budget_bytes
+            written.held_bytes += held_bytes
         return written
 
     def __iter__(self) -> Iterator[tuple[OffsetRange, pl.DataFrame]]:
@@ -95,8 +95,8 @@ class Windows:
         for _, kept, _ in self.files:
             if isinstance(kept, Path):
                 kept.unlink(missing_ok=True)
-        self.store.forget(self.budget_bytes)
-        self.files, self.budget_bytes = [], 0
+        self.store.forget(self.held_bytes)
+        self.files, self.held_bytes = [], 0
 
 
 @dataclass
