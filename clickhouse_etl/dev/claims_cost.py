@@ -1,5 +1,5 @@
 """What a claim costs Redis: CPU per new claim and per duplicate, memory and append-only file per claim, and the
-time a restart takes to load them — measured on a scratch redis-server started with the stack's persistence.
+time a restart takes to load them — measured on a scratch redis-server started with the stack's options.
 
     python -m clickhouse_etl.dev.claims_cost [--claims 1000000] [--batches 3] [--restart] [--options "..."]
 
@@ -22,7 +22,7 @@ import polars as pl
 import redis
 
 from clickhouse_etl.clients import claims
-from clickhouse_etl.dev.redis_server import PERSISTENCE_OPTIONS, RedisServer
+from clickhouse_etl.dev.redis_server import SERVER_OPTIONS, RedisServer
 
 
 def _cpu(client: redis.Redis) -> tuple[float, float]:
@@ -61,7 +61,7 @@ def measure(
     integer_positions: bool = False,
 ) -> dict[str, object]:
     home = Path(tempfile.mkdtemp(prefix="claims-cost-"))
-    server = RedisServer("127.0.0.1", port, home, options=PERSISTENCE_OPTIONS + options)
+    server = RedisServer("127.0.0.1", port, home, options=SERVER_OPTIONS + options)
     pid = server.start()
     try:
         client = redis.Redis(port=port)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from clickhouse_etl.clients.redis_cluster import ClusterUrl
 from clickhouse_etl.core.processes import process_alive
-from clickhouse_etl.dev.redis_server import PERSISTENCE_OPTIONS, RedisServer, RedisStartError, log_tail
+from clickhouse_etl.dev.redis_server import SERVER_OPTIONS, RedisServer, RedisStartError, log_tail
 
 # Nodes of one machine see each other fail within this many milliseconds (Redis's default is 15 s).
 NODE_TIMEOUT_MS = 3_000
@@ -69,7 +69,7 @@ class LocalRedisCluster:
 
     def node(self, port: int) -> RedisServer:
         options = (
-            *PERSISTENCE_OPTIONS,
+            *SERVER_OPTIONS,
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",

@@ -1,4 +1,4 @@
-"""A local `redis-server` process: how the stack runs it (persistence), starts it, waits for it and stops it.
+"""A local `redis-server` process: how the stack runs it (its options), starts it, waits for it and stops it.
 
 Shared by the stack's Redis and the nodes of a local Redis Cluster (clickhouse_etl.dev.redis_cluster).
 
@@ -26,7 +26,12 @@ from clickhouse_etl.core.processes import process_alive
 # the data set (rdb preamble) that Redis rewrites once the commands appended since exceed the snapshot's size
 # (and 64 MB): a restart reads at most about twice the data set, mostly in the compact RDB form, instead of
 # every SET ever made — the load time stays proportional to the live claims.
-PERSISTENCE_OPTIONS = (
+#
+# Claim hashes are hash tables from their first field: Redis keeps a hash of up to 512 fields as a listpack by
+# default, searched field by field, and a claim call looks up and writes hundreds of fields of one hash at once.
+# While a new bucket's hashes filled up, that cost Redis 2.6-3.9 CPU-µs per new claim against 1.0-1.2 once
+# they were hash tables, for the first ~250,000 claims of every bucket (docs/production.md).
+SERVER_OPTIONS = (
     "--appendonly",
     "yes",
     "--appendfsync",
@@ -39,6 +44,8 @@ PERSISTENCE_OPTIONS = (
     "64mb",
     "--save",
     "",
+    "--hash-max-listpack-entries",
+    "0",
 )
 
 STARTUP_SECONDS = 20.0  # to answer at all (LOADING counts as an answer)
@@ -103,7 +110,7 @@ class RedisServer:
     port: int
     home: Path
     name: str = "redis"
-    options: tuple[str, ...] = field(default=PERSISTENCE_OPTIONS)
+    options: tuple[str, ...] = field(default=SERVER_OPTIONS)
 
     @property
     def pidfile(self) -> Path:

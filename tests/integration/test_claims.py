@@ -79,3 +79,13 @@ def test_a_key_repeated_in_one_batch_is_owned_by_its_first_occurrence(base_setti
     owners = claims.claim(url, namespace, keys, positions, TTL, 5).to_list()
     assert owners == [None, None, "0:0", None, "0:1", "0:0"]
     assert claims.claim(url, namespace, keys, positions, TTL, 5).to_list() == ["0:0", "0:1", "0:0", "0:3", "0:1", "0:0"]
+
+
+def test_claim_hashes_are_hash_tables_from_their_first_claim(base_settings: Settings) -> None:
+    """The stack's Redis keeps no claim hash as a listpack, which it searches field by field (docs/production.md)."""
+    url, namespace = base_settings.redis_url, f"test:claims:{uuid.uuid4().hex}"
+    keys, positions = batch(10, "0")
+    assert claims.claim(url, namespace, keys, positions, TTL, 5).null_count() == 10
+    client = redis.Redis.from_url(url)
+    hashes = list(client.scan_iter(match=f"{namespace}:*", count=1_000))
+    assert hashes and {client.object("encoding", name) for name in hashes} == {b"hashtable"}

@@ -51,6 +51,7 @@ class FakeRedis:
         count = int(command[7])
         keys, owners = command[8 : 8 + count], command[8 + count :]
         assert len(owners) == count
+        assert len(set(keys)) == count, "the keys of one call are distinct"
         answer = []
         for key, owner in zip(keys, owners, strict=True):
             found = [self.store[b][key] for b in (current, before, after) if key in self.store.get(b, {})]
@@ -151,6 +152,16 @@ def test_new_claims_then_their_owners(fakes: list[FakeRedis]) -> None:
     assert claims.claim(server.url, NAMESPACE, keys, positions, 60, wait_seconds=0).null_count() == 1_000
     others = pl.Series([f"1:{i}" for i in range(1_000)])
     assert claims.claim(server.url, NAMESPACE, keys, others, 60, wait_seconds=0).to_list() == positions.to_list()
+
+
+def test_a_key_repeated_in_a_batch_is_sent_once_and_owned_by_its_first_occurrence(fakes: list[FakeRedis]) -> None:
+    fakes.append(server := FakeRedis())
+    claims.claim(server.url, NAMESPACE, pl.Series(["b"]), pl.Series(["1:7"]), 60, wait_seconds=0)
+    keys = pl.Series(["a", "b", "a", "c", "b", "a"])
+    positions = pl.Series([f"0:{offset}" for offset in range(6)])
+    owners = claims.claim(server.url, NAMESPACE, keys, positions, 60, wait_seconds=0)
+    assert owners.to_list() == [None, "1:7", "0:0", None, "1:7", "0:0"]
+    assert server.claimed() == {b"a", b"b", b"c"}
 
 
 def test_loading_is_waited_out(fakes: list[FakeRedis]) -> None:
