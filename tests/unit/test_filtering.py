@@ -129,3 +129,15 @@ def test_matches_python_ipaddress_on_random_addresses(cidrs, seed):
     expected = [reference(a, cidrs) for a in addresses]
     assert blocked(addresses, cidrs) == expected
     assert any(expected) and not all(expected)  # the sample exercises both outcomes
+
+
+@pytest.mark.parametrize("prefix_length", range(33))
+def test_ipv4_networks_of_every_prefix_length_match_as_text(prefix_length):
+    rng = random.Random(prefix_length)
+    network = ipaddress.IPv4Network((rng.getrandbits(32), prefix_length), strict=False)
+    inside = [network.network_address + rng.randrange(network.num_addresses) for _ in range(200)]
+    near = [ipaddress.IPv4Address((int(network.network_address) + d) % 2**32) for d in (-1, network.num_addresses)]
+    addresses = [str(a) for a in inside + near] + [str(ipaddress.IPv4Address(rng.getrandbits(32))) for _ in range(200)]
+    addresses += [f"::ffff:{a}" for a in addresses[:50]] + [f"::FFFF:{a}" for a in addresses[-50:]]
+    cidrs = [str(network)]
+    assert blocked(addresses, cidrs) == [reference(a, cidrs) for a in addresses]
