@@ -29,8 +29,8 @@ from clickhouse_etl.core.processes import process_alive
 #
 # Claim hashes are hash tables from their first field: Redis keeps a hash of up to 512 fields as a listpack by
 # default, searched field by field, and a claim call looks up and writes hundreds of fields of one hash at once.
-# While a new bucket's hashes filled up, that cost Redis 2.6-3.9 CPU-µs per new claim against 1.0-1.2 once
-# they were hash tables, for the first ~250,000 claims of every bucket (docs/production.md).
+# Until a new bucket's 256 hashes held 512 claims each (its first ~130,000 claims), a claim cost Redis two to
+# three times the CPU it costs in a hash table (docs/production.md).
 SERVER_OPTIONS = (
     "--appendonly",
     "yes",
