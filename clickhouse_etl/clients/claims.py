@@ -171,36 +171,9 @@ def claim(
     if keys.len() == 0:
         return pl.Series("owner", [], dtype=pl.String)
     firsts = keys.is_first_distinct()
-    if firsts.all():
-        return _claim_distinct(url, namespace, keys, positions, ttl_seconds, wait_seconds, now)
-    owners = _claim_distinct(
-        url, namespace, keys.filter(firsts), positions.filter(firsts), ttl_seconds, wait_seconds, now
-    )
-    return owners_with_repeats(keys, positions, firsts, owners)
-
-
-def owners_with_repeats(keys: pl.Series, positions: pl.Series, firsts: pl.Series, owners: pl.Series) -> pl.Series:
-    """Every row's previous owner from `owners`, the answers for the first occurrences (`firsts`) alone: a later
-    occurrence is owned by its first occurrence's previous owner, or by the first occurrence when that made the
-    claim."""
-    answers = pl.DataFrame(
-        {"key": keys.filter(firsts), "owner": owners.cast(pl.String), "first": positions.filter(firsts)}
-    ).select("key", "owner", later=pl.coalesce("owner", "first"))
-    rows = pl.DataFrame({"key": keys, "is_first": firsts}).join(
-        answers, on="key", how="left", nulls_equal=True, maintain_order="left"
-    )
-    return rows.select(pl.when("is_first").then("owner").otherwise("later").alias("owner")).to_series()
-
-
-def _claim_distinct(
-    url: str,
-    namespace: str,
-    keys: pl.Series,
-    positions: pl.Series,
-    ttl_seconds: int,
-    wait_seconds: float,
-    now: float | None,
-) -> pl.Series:
+    if not firsts.all():  # the script claims distinct keys only (see CLAIM_SCRIPT)
+        owners = claim(url, namespace, keys.filter(firsts), positions.filter(firsts), ttl_seconds, wait_seconds, now)
+        return owners_with_repeats(keys, positions, firsts, owners)
     patience = Patience(wait_seconds)
     shards = shards_of(keys)
     if redis_cluster.is_cluster_url(url):
@@ -226,6 +199,19 @@ def _claim_distinct(
             return _claim_on_server(address, calls).cast(pl.String)
         except TransientRedisError as error:
             patience.pause(error)
+
+
+def owners_with_repeats(keys: pl.Series, positions: pl.Series, firsts: pl.Series, owners: pl.Series) -> pl.Series:
+    """Every row's previous owner from `owners`, the answers for the first occurrences (`firsts`) alone: a later
+    occurrence is owned by its first occurrence's previous owner, or by the first occurrence when that made the
+    claim."""
+    answers = pl.DataFrame(
+        {"key": keys.filter(firsts), "owner": owners.cast(pl.String), "first": positions.filter(firsts)}
+    ).select("key", "owner", later=pl.coalesce("owner", "first"))
+    rows = pl.DataFrame({"key": keys, "is_first": firsts}).join(
+        answers, on="key", how="left", nulls_equal=True, maintain_order="left"
+    )
+    return rows.select(pl.when("is_first").then("owner").otherwise("later").alias("owner")).to_series()
 
 
 def _claim_on_server(address: RedisAddress, calls: ClaimCalls) -> pl.Series:
