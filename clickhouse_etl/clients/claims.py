@@ -170,12 +170,13 @@ def claim(
     """
     if keys.len() == 0:
         return pl.Series("owner", [], dtype=pl.String)
+    # The script claims distinct keys only (see CLAIM_SCRIPT): a repeated key is answered from its first occurrence.
     firsts = keys.is_first_distinct()
-    if not firsts.all():  # the script claims distinct keys only (see CLAIM_SCRIPT)
-        owners = claim(url, namespace, keys.filter(firsts), positions.filter(firsts), ttl_seconds, wait_seconds, now)
-        return owners_with_repeats(keys, positions, firsts, owners)
+    distinct = bool(firsts.all())
+    claimed_keys = keys if distinct else keys.filter(firsts)
+    claimed_positions = positions if distinct else positions.filter(firsts)
     patience = Patience(wait_seconds)
-    shards = shards_of(keys)
+    shards = shards_of(claimed_keys)
     if redis_cluster.is_cluster_url(url):
         # Every shard's hashes share one slot: the slot of a row is its shard's.
         shard_slots = redis_cluster.key_slots(pl.Series([hash_key(namespace, shard, 0) for shard in range(SHARDS)]))
@@ -183,35 +184,46 @@ def claim(
         def calls_for(rows: np.ndarray, asking: bool) -> ClaimCalls:
             return claim_calls(
                 namespace,
-                keys.gather(rows),
-                positions.gather(rows),
+                claimed_keys.gather(rows),
+                claimed_positions.gather(rows),
                 shards[rows],
                 ttl_seconds,
                 now or time.time(),
                 asking,
             )
 
-        return redis_cluster.send_by_slot(url, shard_slots[shards], calls_for, patience).cast(pl.String)
-    address = RedisAddress.parse(url)
-    while True:
-        try:
-            calls = claim_calls(namespace, keys, positions, shards, ttl_seconds, now or time.time())
-            return _claim_on_server(address, calls).cast(pl.String)
-        except TransientRedisError as error:
-            patience.pause(error)
+        owners = redis_cluster.send_by_slot(url, shard_slots[shards], calls_for, patience)
+    else:
+        address = RedisAddress.parse(url)
+        while True:
+            try:
+                calls = claim_calls(namespace, claimed_keys, claimed_positions, shards, ttl_seconds, now or time.time())
+                owners = _claim_on_server(address, calls)
+                break
+            except TransientRedisError as error:
+                patience.pause(error)
+    owners = owners.cast(pl.String)
+    return owners if distinct else owners_with_repeats(keys, positions, firsts, owners)
 
 
 def owners_with_repeats(keys: pl.Series, positions: pl.Series, firsts: pl.Series, owners: pl.Series) -> pl.Series:
     """Every row's previous owner from `owners`, the answers for the first occurrences (`firsts`) alone: a later
     occurrence is owned by its first occurrence's previous owner, or by the first occurrence when that made the
     claim."""
-    answers = pl.DataFrame(
-        {"key": keys.filter(firsts), "owner": owners.cast(pl.String), "first": positions.filter(firsts)}
-    ).select("key", "owner", later=pl.coalesce("owner", "first"))
-    rows = pl.DataFrame({"key": keys, "is_first": firsts}).join(
+    repeats = ~firsts
+    first_keys = keys.filter(firsts)
+    # Only the keys met again are looked up: a table of every first occurrence would cost twice as much.
+    met_again = first_keys.is_in(keys.filter(repeats).implode())
+    answers = (
+        pl.DataFrame({"key": first_keys, "owner": owners, "first": positions.filter(firsts)})
+        .filter(met_again)
+        .select("key", later=pl.coalesce("owner", "first"))
+    )
+    later = pl.DataFrame({"key": keys.filter(repeats)}).join(
         answers, on="key", how="left", nulls_equal=True, maintain_order="left"
     )
-    return rows.select(pl.when("is_first").then("owner").otherwise("later").alias("owner")).to_series()
+    every_row = pl.repeat(None, keys.len(), dtype=pl.String, eager=True).alias("owner")
+    return every_row.scatter(firsts.arg_true(), owners).scatter(repeats.arg_true(), later["later"])
 
 
 def _claim_on_server(address: RedisAddress, calls: ClaimCalls) -> pl.Series:

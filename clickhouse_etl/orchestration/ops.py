@@ -125,7 +125,7 @@ def decode_events(context: dg.OpExecutionContext, batch: Batch, pipeline: Pipeli
 
 
 @dg.op(
-    description="Drop duplicates: first in the batch, then a Redis claim that records the owning position.",
+    description="Drop duplicates: a Redis claim per key records the position that owns it (its first occurrence).",
     retry_policy=DEPENDENCY_RETRY,
 )
 def dedup_events(
@@ -135,17 +135,16 @@ def dedup_events(
     declared = pipeline.pipeline
 
     # Window by window, in offset order: a key met again in a later window finds the claim of its first
-    # occurrence (a different position), exactly as if the range were one batch.
+    # occurrence (a different position), exactly as if the range were one batch. Within a window the rows are
+    # in offset order too (one partition's, as read), so a key repeated there is owned by its lowest offset.
     def kept_in_window(_: OffsetRange, events: pl.DataFrame) -> pl.DataFrame:
         if declared.dedup is None:
             return events
-        key = declared.dedup.key
-        candidates = events.filter(dedup.first_in_batch(events, key))
-        positions = dedup.position_labels(candidates)
+        positions = dedup.position_labels(events)
         namespace = dedup.claim_namespace(declared.dedup_key_prefix, declared.topic)
-        keys = dedup.dedup_keys(candidates, key)
+        keys = dedup.dedup_keys(events, declared.dedup.key)
         previous = claims.claim(namespace, keys, positions, declared.dedup.ttl_seconds)
-        return candidates.filter(dedup.kept_by_claims(positions, previous))
+        return events.filter(dedup.kept_by_claims(positions, previous))
 
     kept = batch.events.map(batch.store, "unique", kept_in_window)
     out = batch.advance("dedup", started, kept, counts={"duplicates": batch.events.height - kept.height})

@@ -1,9 +1,9 @@
 """Dedup: exactly-once by the pipeline's key, with Redis claims that remember which Kafka position owns a key.
 
-Inside a batch the first occurrence (lowest offset) of a key is the candidate; each candidate is claimed in
-Redis, which answers the position that owned it before, if any (see clickhouse_etl.clients.claims). The event
-is kept when the claim is new or when the existing owner is this very position — a replay of the same range
-finds its own claims and keeps exactly what it kept.
+Each event's key is claimed in Redis for the event's position, in offset order; Redis answers the position that
+owned the key before, if any (see clickhouse_etl.clients.claims, where a key repeated in one call is owned by
+its first occurrence). The event is kept when the claim is new or when the existing owner is this very
+position — a replay of the same range finds its own claims and keeps exactly what it kept.
 """
 
 from __future__ import annotations
@@ -23,11 +23,6 @@ def dedup_keys(events: pl.DataFrame, key: list[str]) -> pl.Series:
         return events[key[0]].cast(pl.String)
     parts = [pl.format("{}:{}", pl.col(n).cast(pl.String).str.len_bytes(), pl.col(n).cast(pl.String)) for n in key]
     return events.select(pl.concat_str(parts, separator="|")).to_series()
-
-
-def first_in_batch(events: pl.DataFrame, key: list[str]) -> pl.Series:
-    """True for the first occurrence of each key, by offset, within one batch."""
-    return events.select(pl.col("kafka_offset") == pl.col("kafka_offset").min().over(key)).to_series()
 
 
 def claim_namespace(prefix: str, topic: str) -> str:

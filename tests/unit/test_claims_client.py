@@ -7,6 +7,7 @@ The servers here speak just enough RESP for the claims (the claim script's `EVAL
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -162,6 +163,23 @@ def test_a_key_repeated_in_a_batch_is_sent_once_and_owned_by_its_first_occurrenc
     owners = claims.claim(server.url, NAMESPACE, keys, positions, 60, wait_seconds=0)
     assert owners.to_list() == [None, "1:7", "0:0", None, "1:7", "0:0"]
     assert server.claimed() == {b"a", b"b", b"c"}
+
+
+def test_random_repeats_are_owned_as_one_set_if_absent_per_key_would_answer(fakes: list[FakeRedis]) -> None:
+    """Every row of a batch with many repeats, some keys claimed before: a plain Python reference of one
+    `SET NX GET` per key, in row order."""
+    fakes.append(server := FakeRedis())
+    rng = random.Random(5)
+    before = {f"k{n}": f"1:{n}" for n in rng.sample(range(400), 100)}
+    claims.claim(server.url, NAMESPACE, pl.Series(list(before)), pl.Series(list(before.values())), 60, wait_seconds=0)
+    keys = [f"k{rng.randrange(400)}" for _ in range(2_000)]
+    positions = [f"0:{offset}" for offset in range(2_000)]
+    store, expected = dict(before), []
+    for key, position in zip(keys, positions, strict=True):
+        expected.append(store.get(key))
+        store.setdefault(key, position)
+    owners = claims.claim(server.url, NAMESPACE, pl.Series(keys), pl.Series(positions), 60, wait_seconds=0)
+    assert owners.to_list() == expected
 
 
 def test_loading_is_waited_out(fakes: list[FakeRedis]) -> None:

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from clickhouse_etl.core.pipeline.loading import load_pipelines
-from clickhouse_etl.steps.dedup import claim_namespace, dedup_keys, first_in_batch, kept_by_claims, position_labels
+from clickhouse_etl.steps.dedup import claim_namespace, dedup_keys, kept_by_claims, position_labels
 
 AD_CLICKS = load_pipelines("ad_clicks", environment={})[0].pipeline
 KEY = ["click_id"]
@@ -50,69 +50,29 @@ def test_the_ad_clicks_pipeline_dedups_by_click_id() -> None:
     assert AD_CLICKS.dedup.key == KEY
 
 
-def test_first_in_batch_keeps_the_lowest_offset_per_click_id() -> None:
-    """Within a batch, only the first occurrence of each key is a candidate."""
-    frame = events([("a", 0, 10), ("b", 0, 11), ("a", 0, 12), ("c", 0, 13), ("b", 0, 14), ("a", 0, 15)])
-    assert first_in_batch(frame, KEY).to_list() == [True, True, False, True, False, False]
-
-
-def test_first_in_batch_uses_the_offset_not_the_row_order() -> None:
-    """'First' means lowest Kafka offset, whatever order the rows come in."""
-    frame = events([("a", 0, 30), ("a", 0, 20), ("b", 0, 25), ("a", 0, 40)])
-    assert first_in_batch(frame, KEY).to_list() == [False, True, True, False]
-
-
-def test_first_in_batch_all_unique_keeps_everything() -> None:
-    """Distinct keys are all candidates, and the mask is a boolean per event."""
-    frame = events([(f"id{i}", 1, i) for i in range(50)])
-    mask = first_in_batch(frame, KEY)
-    assert mask.dtype == pl.Boolean
-    assert mask.all()
-    assert mask.len() == 50
-
-
-def test_first_in_batch_empty() -> None:
-    """An empty batch gives an empty mask."""
-    assert first_in_batch(events([]), KEY).to_list() == []
-
-
-def test_first_in_batch_matches_a_plain_python_reference() -> None:
-    """On random data the mask is exactly 'offset is the lowest offset of its key'."""
-    rng = random.Random(1234)
-    offsets = rng.sample(range(10_000), 2_000)
-    rows = [(f"c{rng.randrange(300)}", 0, offset) for offset in offsets]
-    lowest: dict[str, int] = {}
-    for click_id, _, offset in rows:
-        lowest[click_id] = min(lowest.get(click_id, offset), offset)
-    expected = [offset == lowest[click_id] for click_id, _, offset in rows]
-    mask = first_in_batch(events(rows), KEY).to_list()
-    assert mask == expected
-    assert sum(mask) == len(lowest)
-
-
 # --- composite keys ----------------------------------------------------------------------------------------------
 
 
-def test_first_in_batch_with_a_composite_key_keeps_the_first_of_each_pair() -> None:
+def test_composite_keys_repeat_only_when_every_field_repeats() -> None:
     """With key [a, b] an event is a duplicate only when both fields repeat; sharing one field is not enough."""
-    frame = pair_events([("x", 1, 10), ("x", 2, 11), ("y", 1, 12), ("x", 1, 13), ("y", 1, 9), ("x", 2, 14)])
-    assert first_in_batch(frame, ["a", "b"]).to_list() == [True, True, False, False, True, False]
+    frame = pair_events([("x", 1, 10), ("x", 2, 11), ("y", 1, 12), ("x", 1, 13), ("y", 1, 14), ("x", 2, 15)])
+    assert dedup_keys(frame, ["a", "b"]).is_first_distinct().to_list() == [True, True, True, False, False, False]
     # the same events keyed by one field only
-    assert first_in_batch(frame, ["a"]).to_list() == [True, False, False, False, True, False]
+    assert dedup_keys(frame, ["a"]).is_first_distinct().to_list() == [True, False, True, False, False, False]
 
 
-def test_first_in_batch_with_a_composite_key_matches_a_plain_python_reference() -> None:
-    """On random pairs the mask is exactly 'offset is the lowest offset of its (a, b) pair'."""
+def test_composite_keys_repeat_exactly_as_their_tuples_do() -> None:
+    """On random pairs, two events share a key exactly when they share the (a, b) pair."""
     rng = random.Random(77)
-    offsets = rng.sample(range(50_000), 3_000)
-    rows = [(f"k{rng.randrange(20)}", rng.randrange(15), offset) for offset in offsets]
-    lowest: dict[tuple[str, int], int] = {}
-    for a, b, offset in rows:
-        lowest[(a, b)] = min(lowest.get((a, b), offset), offset)
-    expected = [offset == lowest[(a, b)] for a, b, offset in rows]
-    mask = first_in_batch(pair_events(rows), ["a", "b"]).to_list()
-    assert mask == expected
-    assert sum(mask) == len(lowest)
+    rows = [(f"k{rng.randrange(20)}", rng.randrange(15), offset) for offset in range(3_000)]
+    seen: set[tuple[str, int]] = set()
+    expected = []
+    for a, b, _ in rows:
+        expected.append((a, b) not in seen)
+        seen.add((a, b))
+    firsts = dedup_keys(pair_events(rows), ["a", "b"]).is_first_distinct().to_list()
+    assert firsts == expected
+    assert sum(firsts) == len(seen)
 
 
 def test_dedup_keys_of_one_string_field_are_the_field_itself() -> None:
@@ -226,7 +186,8 @@ def test_kept_by_claims_empty() -> None:
 
 
 def test_replay_of_the_same_range_keeps_exactly_what_the_first_run_kept() -> None:
-    """Simulates the claim protocol (set if absent, answer the previous owner) with a dict standing in for Redis."""
+    """Simulates the claim protocol (set if absent, answer the previous owner; a key repeated in one range is owned
+    by its first occurrence) with a dict standing in for Redis."""
     store: dict[str, bytes] = {}
 
     def claim(keys: list[str], positions: list[str]) -> list[bytes | None]:
@@ -240,11 +201,10 @@ def test_replay_of_the_same_range_keeps_exactly_what_the_first_run_kept() -> Non
     second_range = events([("b", 0, 3), ("c", 0, 4)])
 
     def run(frame: pl.DataFrame) -> list[str]:
-        candidates = frame.filter(first_in_batch(frame, KEY))
-        positions = position_labels(candidates).to_list()
-        keys = dedup_keys(candidates, KEY).to_list()
+        positions = position_labels(frame).to_list()
+        keys = dedup_keys(frame, KEY).to_list()
         kept = kept_by_claims(positions, claim(keys, positions))
-        return candidates.filter(kept)["click_id"].to_list()
+        return frame.filter(kept)["click_id"].to_list()
 
     assert run(first_range) == ["a", "b"]
     assert run(second_range) == ["c"]  # b is owned by 0:1
@@ -258,14 +218,13 @@ def test_replay_with_a_composite_key_keeps_exactly_what_the_first_run_kept() -> 
     store: dict[str, bytes] = {}
 
     def run(frame: pl.DataFrame) -> list[tuple[str, int]]:
-        candidates = frame.filter(first_in_batch(frame, ["a", "b"]))
-        positions = position_labels(candidates).to_list()
-        keys = dedup_keys(candidates, ["a", "b"]).to_list()
+        positions = position_labels(frame).to_list()
+        keys = dedup_keys(frame, ["a", "b"]).to_list()
         previous = []
         for key, position in zip(keys, positions, strict=True):
             previous.append(store.get(key))
             store.setdefault(key, position.encode())
-        kept = candidates.filter(kept_by_claims(positions, previous))
+        kept = frame.filter(kept_by_claims(positions, previous))
         return list(zip(kept["a"].to_list(), kept["b"].to_list(), strict=True))
 
     first_range = pair_events([("x", 1, 0), ("x", 2, 1), ("x", 1, 2)])
