@@ -88,6 +88,8 @@ def assert_accounted(raw: pl.DataFrame, batch) -> dict[tuple[int, int], tuple]:
     expected = set(zip(raw["kafka_partition"].to_list(), raw["kafka_offset"].to_list(), strict=True))
     assert set(result) == expected
     assert batch.events.height + batch.dead_letters.height == raw.height
+    # In the raw batch's order, which is offset order: dedup owns a key repeated in a window by its first row.
+    assert batch.events["kafka_offset"].is_sorted()
     return result
 
 
@@ -104,6 +106,20 @@ def test_valid_events_are_typed_and_keep_their_position():
     assert batch.dead_letters.height == 0
     rows = batch.events.with_columns(pl.col("timestamp_ms").dt.epoch("ms")).rows()
     assert rows == [(f"c{i}", f"u{i}", i, 1_000 + i, "10.1.2.3", 3, 100 + i) for i in range(5)]
+
+
+def test_events_parsed_alone_keep_their_offset_order():
+    """Values with whitespace around the object are parsed one by one, apart from the chunk; the events still
+    come out in offset order, which dedup relies on (a key repeated in a window is owned by its first row)."""
+    values = [
+        encode(click(click_id="a")) + b"  ",
+        encode(click(click_id="b")),
+        b"\t" + encode(click(click_id="c")),
+        encode(click(click_id="d")),
+    ]
+    batch = decode_events(raw_frame(values, partition=0, first_offset=10), MAX_BYTES)
+    assert batch.events["click_id"].to_list() == ["a", "b", "c", "d"]
+    assert batch.events["kafka_offset"].to_list() == [10, 11, 12, 13]
 
 
 def test_numeric_strings_are_coerced_to_integers():
