@@ -168,11 +168,14 @@ def catch_up(
     pipeline: Pipeline,
     instance: dg.DagsterInstance,
     echo: Callable[[str], None] = print,
+    workers: CatchUpWorkers | None = None,
 ) -> CatchUpReport:
     """Process every range of the pipeline available now; raise CatchUpError if one still fails after retries.
 
     Ranges run in parallel in up to `catch_up_workers` processes, this one included (the ranges of one
-    partition in order, one at a time): while one waits on Redis, Kafka or ClickHouse, another computes.
+    partition in order, one at a time): while one waits on Redis, Kafka or ClickHouse, another computes. The
+    other processes are `workers` when given (started earlier, for this pipeline among others), else started
+    here when the ranges span more than one partition.
     """
     run_records.fail_abandoned_runs(instance, pipeline.job_name, pipeline.topic, echo)
     reader = kafka_reader(settings, pipeline)
@@ -185,7 +188,46 @@ def catch_up(
     partitions = len({offset_range.partition for offset_range in ranges})
     if processes <= 1 or partitions <= 1:
         return run_ranges(job, instance, ranges, CATCH_UP_TAGS, echo=echo)
-    return _run_ranges_in_parallel(job, settings, pipeline, instance, ranges, min(processes, partitions), echo)
+    if workers is not None:
+        return _run_ranges_in_parallel(job, pipeline, instance, ranges, workers, echo)
+    with CatchUpWorkers(settings, [pipeline], instance.get_ref(), min(processes, partitions) - 1) as started:
+        return _run_ranges_in_parallel(job, pipeline, instance, ranges, started, echo)
+
+
+class CatchUpWorkers:
+    """The processes besides this one that catch-up hands ranges to, spawned (not forked: a fork would inherit
+    this process's embedded ClickHouse state) and started at once.
+
+    A spawned process spends two to three seconds importing and opening what a run needs (Python, Dagster and
+    its storage, polars, the jobs), about as long as the catch-up process itself before its first run. Started
+    with the command, before that, a worker's first run begins about a second after the catch-up process's
+    first one instead of two and a half (docs/benchmarks.md); the worker's ranges are the longer chain at the
+    end. Workers started for nothing to run cost their start-up, about two CPU seconds each.
+    """
+
+    def __init__(
+        self, settings: Settings, pipelines: list[Pipeline], instance_ref: InstanceRef, size: int | None = None
+    ) -> None:
+        self.size = settings.catch_up_workers - 1 if size is None else size
+        self._pool = ProcessPoolExecutor(
+            self.size,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(settings, pipelines, instance_ref),
+        )
+        # The pool spawns a process for a submitted call while none is idle: one call each starts them all now.
+        for _ in range(self.size):
+            self._pool.submit(_worker_started)
+
+    def submit(self, pipeline: Pipeline, offset_range: OffsetRange) -> Future[WorkerResult]:
+        return self._pool.submit(_run_in_worker, pipeline.name, offset_range)
+
+    def __enter__(self) -> CatchUpWorkers:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Waits for the ranges running; hands out none: after an error, catch-up clears the ranges left first.
+        self._pool.shutdown(wait=True)
 
 
 WorkerResult = tuple[CatchUpReport, list[str]]  # a worker's report of one range, and its progress lines
@@ -230,69 +272,65 @@ class RangesLeft:
 
 def _run_ranges_in_parallel(
     job: dg.JobDefinition,
-    settings: Settings,
     pipeline: Pipeline,
     instance: dg.DagsterInstance,
     ranges: list[OffsetRange],
-    processes: int,
+    workers: CatchUpWorkers,
     echo: Callable[[str], None],
 ) -> CatchUpReport:
-    """Each range goes to whichever process is free first: this one or a spawned worker.
+    """Each range goes to whichever process is free first: this one or a worker.
 
     A worker that finishes is handed the next ready range at once (from its future's callback), so no
-    process idles while ranges wait. Workers are spawned, not forked: a fork would inherit this process's
-    embedded ClickHouse state.
+    process idles while ranges wait.
     """
     started = time.perf_counter()
     left = RangesLeft(ranges)
     finished: queue.Queue[Future[WorkerResult]] = queue.Queue()
     report = CatchUpReport()
-    idle_workers = processes - 1
+    partitions = len({offset_range.partition for offset_range in ranges})
+    idle_workers = min(workers.size, partitions - 1)
     # Reentrant: a future that is already done runs its callback inside add_done_callback, under this lock.
     handing_out = threading.RLock()
-    spawn = multiprocessing.get_context("spawn")
-    initargs = (settings, pipeline, instance.get_ref())
-    with ProcessPoolExecutor(idle_workers, mp_context=spawn, initializer=_start_worker, initargs=initargs) as pool:
 
-        def hand_out() -> None:
-            nonlocal idle_workers
-            with handing_out:
-                while idle_workers:
-                    offset_range = left.take()
-                    if offset_range is None:
-                        return
-                    try:
-                        future = pool.submit(_run_in_worker, offset_range)
-                    except (RuntimeError, BrokenProcessPool):  # shutting down or broken: this process takes it
-                        left.give_back(offset_range)
-                        return
-                    idle_workers -= 1
-                    future.add_done_callback(functools.partial(worker_done, offset_range))
-
-        def worker_done(offset_range: OffsetRange, future: Future[WorkerResult]) -> None:
-            nonlocal idle_workers
-            left.done(offset_range)
-            with handing_out:
-                idle_workers += 1
-            hand_out()
-            finished.put(future)
-
-        hand_out()
-        try:
-            for _ in ranges:
+    def hand_out() -> None:
+        nonlocal idle_workers
+        with handing_out:
+            while idle_workers:
                 offset_range = left.take()
-                if offset_range is None:  # wait for a worker's range: it may free its partition's next one
-                    partial, lines = _worker_result(finished.get())
-                    for line in lines:
-                        echo(line)
-                else:
-                    partial = run_ranges(job, instance, [offset_range], CATCH_UP_TAGS, echo=echo)
-                    left.done(offset_range)
-                    hand_out()
-                _merge(report, partial)
-        except BaseException:
-            left.clear()  # hand out nothing more; the pool's exit waits for the ranges already running
-            raise
+                if offset_range is None:
+                    return
+                try:
+                    future = workers.submit(pipeline, offset_range)
+                except (RuntimeError, BrokenProcessPool):  # shutting down or broken: this process takes it
+                    left.give_back(offset_range)
+                    return
+                idle_workers -= 1
+                future.add_done_callback(functools.partial(worker_done, offset_range))
+
+    def worker_done(offset_range: OffsetRange, future: Future[WorkerResult]) -> None:
+        nonlocal idle_workers
+        left.done(offset_range)
+        with handing_out:
+            idle_workers += 1
+        hand_out()
+        finished.put(future)
+
+    hand_out()
+    try:
+        for _ in ranges:
+            offset_range = left.take()
+            if offset_range is None:  # wait for a worker's range: it may free its partition's next one
+                partial, lines = _worker_result(finished.get())
+                for line in lines:
+                    echo(line)
+            else:
+                partial = run_ranges(job, instance, [offset_range], CATCH_UP_TAGS, echo=echo)
+                left.done(offset_range)
+                hand_out()
+            _merge(report, partial)
+    except BaseException:
+        left.clear()  # hand out nothing more; the workers' exit waits for the ranges already running
+        raise
     report.seconds = time.perf_counter() - started
     report.peak_rss_bytes = max(report.peak_rss_bytes, peak_rss_bytes())
     return report
@@ -312,23 +350,29 @@ def _merge(report: CatchUpReport, partial: CatchUpReport) -> None:
     report.peak_rss_bytes = max(report.peak_rss_bytes, partial.peak_rss_bytes)
 
 
-_worker: tuple[dg.JobDefinition, dg.DagsterInstance] | None = None  # a worker process's job and instance
+# A worker process's instance and each pipeline's job, by pipeline name.
+_worker: tuple[dg.DagsterInstance, dict[str, dg.JobDefinition]] | None = None
 
 
-def _start_worker(settings: Settings, pipeline: Pipeline, instance_ref: InstanceRef) -> None:
-    """A worker process builds the job and opens the instance once, for every range it is handed."""
+def _start_worker(settings: Settings, pipelines: list[Pipeline], instance_ref: InstanceRef) -> None:
+    """A worker process builds the jobs and opens the instance once, for every range it is handed."""
     global _worker
-    _worker = (ingest_job(settings, pipeline), dg.DagsterInstance.from_ref(instance_ref))
+    jobs = {pipeline.name: ingest_job(settings, pipeline) for pipeline in pipelines}
+    _worker = (dg.DagsterInstance.from_ref(instance_ref), jobs)
     freeze_startup_objects()
 
 
-def _run_in_worker(offset_range: OffsetRange) -> WorkerResult:
+def _worker_started() -> None:
+    """Nothing: submitted to start a worker process (its initializer) before it has a range."""
+
+
+def _run_in_worker(pipeline_name: str, offset_range: OffsetRange) -> WorkerResult:
     """One range in a worker; its progress lines go back to the catch-up process, which echoes them."""
-    assert _worker is not None, "the pool's initializer builds the worker's job"
-    job, instance = _worker
+    assert _worker is not None, "the pool's initializer builds the worker's jobs"
+    instance, jobs = _worker
     lines: list[str] = []
     try:
-        return run_ranges(job, instance, [offset_range], CATCH_UP_TAGS, echo=lines.append), lines
+        return run_ranges(jobs[pipeline_name], instance, [offset_range], CATCH_UP_TAGS, echo=lines.append), lines
     except CatchUpError as error:  # the failed attempts' lines travel with the error
         raise CatchUpError("\n".join([*lines, str(error)])) from None
 

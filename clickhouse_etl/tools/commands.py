@@ -140,19 +140,28 @@ def _pipeline_table(loaded: list[LoadedPipeline]) -> str:
 
 
 def _catch_up(settings: Settings, args: argparse.Namespace) -> int:
-    from clickhouse_etl.tools.catchup import CatchUpError, catch_up
+    from contextlib import nullcontext
+
+    import dagster as dg
+    from dagster._core.instance.ref import InstanceRef
+
+    from clickhouse_etl.orchestration.instance import export_dagster_home
+    from clickhouse_etl.tools.catchup import CatchUpError, CatchUpWorkers, catch_up
 
     pipelines = chosen_pipelines(settings, args)
-    ensure_pipeline_tables(settings, pipelines)
+    # The worker processes start first: they import and open what a run needs while this process does the same.
+    instance_ref = InstanceRef.from_dir(export_dagster_home(settings))
+    workers = CatchUpWorkers(settings, pipelines, instance_ref) if settings.catch_up_workers > 1 else None
+    with workers or nullcontext(), dg.DagsterInstance.from_ref(instance_ref) as instance:
+        ensure_pipeline_tables(settings, pipelines)
 
-    # With --json, stdout carries the JSON objects alone and the progress lines go to stderr.
-    def echo(line: str) -> None:
-        print(line, file=sys.stderr if args.json else sys.stdout)
+        # With --json, stdout carries the JSON objects alone and the progress lines go to stderr.
+        def echo(line: str) -> None:
+            print(line, file=sys.stderr if args.json else sys.stdout)
 
-    with dagster_instance(settings) as instance:
         for pipeline in pipelines:
             try:
-                report = catch_up(settings, pipeline, instance, echo)
+                report = catch_up(settings, pipeline, instance, echo, workers)
             except CatchUpError as error:
                 print(f"clickhouse-etl catch-up: {pipeline.name}: {error}", file=sys.stderr)
                 return 1

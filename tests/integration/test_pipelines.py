@@ -15,7 +15,7 @@ import pytest
 from clickhouse_etl.core.pipeline.model import Pipeline, SourceField
 from clickhouse_etl.core.settings import Settings
 from clickhouse_etl.dev.usage_data import UsageShares
-from clickhouse_etl.orchestration import run_records
+from clickhouse_etl.orchestration import run_records, tags
 from clickhouse_etl.tools.catchup import run_range
 
 from . import usage_reference
@@ -128,8 +128,21 @@ def test_two_pipelines_at_once_exact_through_a_kill_and_replays(
     assert "ad_clicks caught up: 0 range(s)" in recovered.stdout and "api_usage caught up" in recovered.stdout
     produce(settings, clicks, 6_000, seed=53)
     produce(settings, usage, 6_000, shares=USAGE_MIX, seed=54)
+    with dg.DagsterInstance.from_config(home) as recorded:
+        earlier = {record.dagster_run.run_id for record in recorded.get_run_records()}
     more = cli(settings, "catch-up", dagster_home=home)
     assert more.returncode == 0, more.stderr[-2000:]
+    # On the default two processes: the worker started with the command ran ranges of both pipelines.
+    with dg.DagsterInstance.from_config(home) as recorded:
+        new_runs = [
+            record.dagster_run for record in recorded.get_run_records() if record.dagster_run.run_id not in earlier
+        ]
+    processes = {
+        job: {run.tags[tags.PID] for run in new_runs if run.job_name == job}
+        for job in (clicks.job_name, usage.job_name)
+    }
+    assert len(processes[clicks.job_name] | processes[usage.job_name]) == 2
+    assert processes[clicks.job_name] == processes[usage.job_name]
 
     assert_matches_reference(settings, clicks)
     assert_usage_matches_reference(settings, usage)
