@@ -13,6 +13,13 @@ nothing while the store was held, and parts never merged (one more per table and
 limit of 3,000 parts). A session on the embedded store therefore lets the merges running at its end finish
 before it releases the store (within MERGES_FINISH_SECONDS), and the engine merges parts of at most
 EMBEDDED_MERGE_MAX_BYTES in all, so that a merge always can finish in that time (docs/benchmarks.md).
+
+The embedded engine never removes outdated parts (those a merge or mutation replaced: its background cleanup
+does not run), and it reads every part on disk when it opens: a store written by many sessions opened slower
+and slower (0.09 s after `clickhouse-etl seed`, 0.34 s after 122 load sessions that left 547 outdated parts).
+A session that leaves OUTDATED_PARTS_TO_REMOVE or more therefore removes them after closing the engine, still
+holding the store, once the disk holds every part that replaced them (a sync): what ClickHouse's own cleanup
+does once a replaced part is old enough.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +55,9 @@ REPORT_WAIT_AFTER_SECONDS = 5.0
 EMBEDDED_MERGE_MAX_BYTES = 128 * 2**20
 MERGES_FINISH_SECONDS = 30.0
 MERGES_POLL_SECONDS = 0.02
+# Each sync writes out what the whole machine has buffered, so outdated parts are removed a hundred at a time
+# (about every twenty load sessions of a pipeline), not after every session.
+OUTDATED_PARTS_TO_REMOVE = 100
 EMBEDDED_CONFIG = f"""<clickhouse>
   <merge_tree>
     <max_bytes_to_merge_at_max_space_in_pool>{EMBEDDED_MERGE_MAX_BYTES}</max_bytes_to_merge_at_max_space_in_pool>
@@ -113,6 +124,24 @@ def _wait_for_merges(client: Client, seconds: float = MERGES_FINISH_SECONDS) -> 
         time.sleep(MERGES_POLL_SECONDS)
 
 
+def _outdated_parts(client: Client) -> list[str]:
+    """The directories of the parts that merges and mutations have replaced."""
+    return [path for (path,) in client.query("SELECT path FROM system.parts WHERE NOT active").result_rows]
+
+
+def _remove_outdated_parts(store: Path, paths: list[str]) -> None:
+    """Remove the outdated parts' directories, the engine closed: first the sync, so that a crash cannot lose a
+    replacing part whose data was still only in memory after its sources are gone. Each is renamed first, as
+    ClickHouse does, so that a removal cut short leaves a directory the engine skips, not a broken part."""
+    os.sync()
+    root = store.resolve()
+    for path in paths:
+        directory = Path(path).resolve()
+        if directory.is_relative_to(root) and directory.parent != root and directory.exists():
+            doomed = directory.rename(directory.with_name(f"delete_tmp_{directory.name}"))
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _holder(lock_file: Any) -> str:
     lock_file.seek(0)
     last = lock_file.read().strip()
@@ -154,12 +183,16 @@ def clickhouse_session(dsn: str, timeout: float, finish_merges: bool = True) -> 
         with _embedded_store_lock(path, timeout):
             return_free_heap()  # the engine's allocations then come on top of what is in use only
             client = _connect(dsn, timeout, chdb_options={"config-file": str(_embedded_config(path))})
+            outdated: list[str] = []
             try:
                 yield client
                 if finish_merges:
                     _wait_for_merges(client)
+                outdated = _outdated_parts(client)
             finally:
                 client.close()
+            if len(outdated) >= OUTDATED_PARTS_TO_REMOVE:
+                _remove_outdated_parts(path, outdated)
     else:
         # clickhouse-connect picks TLS by port (8443/443), not by scheme: an https DSN on another port would
         # otherwise be spoken to in plain HTTP.

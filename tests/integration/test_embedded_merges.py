@@ -1,4 +1,5 @@
-"""The embedded store's merges finish in the sessions that start them, so short sessions still merge parts."""
+"""The embedded store's merges finish in the sessions that start them, so short sessions still merge parts; the
+parts they replaced are removed."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from clickhouse_connect.driver.client import Client
 
+from clickhouse_etl.clients import clickhouse
 from clickhouse_etl.clients.clickhouse import EMBEDDED_MERGE_MAX_BYTES, clickhouse_session
 
 SESSIONS = 12
@@ -40,3 +42,30 @@ def test_sessions_shorter_than_a_merge_still_merge_the_parts_they_make(tmp_path:
         [row] = client.query("SELECT count(), uniqExact(id), min(id), max(id) FROM db.events").result_rows
     rows = SESSIONS * ROWS_PER_PART
     assert row == (rows, rows, 0, rows - 1)  # merged, not lost or doubled
+
+
+def test_parts_that_merges_replaced_are_removed_and_no_row_is_lost(tmp_path: Path, monkeypatch) -> None:
+    # The engine never removes them itself: without the removal, every session's part stays on disk for good.
+    monkeypatch.setattr(clickhouse, "OUTDATED_PARTS_TO_REMOVE", 5)
+    dsn = f"chdb://{tmp_path / 'store'}"
+    with clickhouse_session(dsn, 30.0) as client:
+        client.command("CREATE DATABASE db")
+        client.command("CREATE TABLE db.events (id UInt64, body String) ENGINE = MergeTree ORDER BY id")
+        data_path = client.command("SELECT data_paths[1] FROM system.tables WHERE database = 'db' AND name = 'events'")
+    sessions, rows_per_part = 40, 1_000
+    for session in range(sessions):
+        with clickhouse_session(dsn, 30.0) as client:
+            client.command(
+                f"INSERT INTO db.events SELECT number + {session * rows_per_part}, toString(number) "
+                f"FROM numbers({rows_per_part})"
+            )
+
+    with clickhouse_session(dsn, 30.0) as client:
+        outdated = int(client.command("SELECT count() FROM system.parts WHERE NOT active AND table = 'events'"))
+        active = _active_parts(client)
+        [row] = client.query("SELECT count(), uniqExact(id), min(id), max(id) FROM db.events").result_rows
+    rows = sessions * rows_per_part
+    assert row == (rows, rows, 0, rows - 1)
+    assert outdated < 5
+    on_disk = [part for part in Path(data_path).iterdir() if part.is_dir() and part.name.startswith("all_")]
+    assert len(on_disk) == active + outdated < sessions
