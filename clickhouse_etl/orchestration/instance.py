@@ -7,8 +7,12 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clickhouse_etl.core.settings import Settings
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 CODE_LOCATION = "clickhouse_etl"  # as named in workspace.yaml
 
@@ -76,15 +80,22 @@ def export_dagster_home(settings: Settings) -> str:
     return home
 
 
-def create_instance_storage(home: str) -> None:
-    """Open the instance at `home` once, so that its storage exists before Dagster processes share it.
+def open_instance(home: str) -> dg.DagsterInstance:
+    """The instance at `home`, opened under the home's storage lock, so that its storage exists before Dagster
+    processes share it.
 
     Processes that open a fresh SQLite storage at the same moment each run its schema migrations, and all but
-    one fail (`UNIQUE constraint failed: alembic_version.version_num`): `clickhouse-etl dev` starts the
-    webserver, the daemon and the run workers together. The lock makes commands started at once take turns.
+    one fail (`UNIQUE constraint failed: alembic_version.version_num`, `table runs already exists`): `clickhouse-etl
+    dev` starts the webserver, the daemon and the run workers together, and a catch-up starts its workers with
+    itself. The lock makes processes opening one home at once take turns.
     """
     import dagster as dg
 
     with open(Path(home) / ".storage.lock", "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        dg.DagsterInstance.from_config(home).dispose()
+        return dg.DagsterInstance.from_config(home)
+
+
+def create_instance_storage(home: str) -> None:
+    """Open the instance at `home` once (open_instance), so that its storage exists before processes share it."""
+    open_instance(home).dispose()

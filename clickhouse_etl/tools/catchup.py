@@ -15,7 +15,6 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import dagster as dg
-from dagster._core.instance.ref import InstanceRef
 
 from clickhouse_etl.clients.kafka import KafkaReader
 from clickhouse_etl.core.collector import freeze_startup_objects
@@ -190,7 +189,8 @@ def catch_up(
         return run_ranges(job, instance, ranges, CATCH_UP_TAGS, echo=echo)
     if workers is not None:
         return _run_ranges_in_parallel(job, pipeline, instance, ranges, workers, echo)
-    with CatchUpWorkers(settings, [pipeline], instance.get_ref(), min(processes, partitions) - 1) as started:
+    open_instance = functools.partial(dg.DagsterInstance.from_ref, instance.get_ref())
+    with CatchUpWorkers(settings, [pipeline], open_instance, min(processes, partitions) - 1) as started:
         return _run_ranges_in_parallel(job, pipeline, instance, ranges, started, echo)
 
 
@@ -206,14 +206,18 @@ class CatchUpWorkers:
     """
 
     def __init__(
-        self, settings: Settings, pipelines: list[Pipeline], instance_ref: InstanceRef, size: int | None = None
+        self,
+        settings: Settings,
+        pipelines: list[Pipeline],
+        open_instance: Callable[[], dg.DagsterInstance],
+        size: int | None = None,
     ) -> None:
         self.size = settings.catch_up_workers - 1 if size is None else size
         self._pool = ProcessPoolExecutor(
             self.size,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
-            initargs=(settings, pipelines, instance_ref),
+            initargs=(settings, pipelines, open_instance),
         )
         # The pool spawns a process for a submitted call while none is idle: one call each starts them all now.
         for _ in range(self.size):
@@ -354,11 +358,13 @@ def _merge(report: CatchUpReport, partial: CatchUpReport) -> None:
 _worker: tuple[dg.DagsterInstance, dict[str, dg.JobDefinition]] | None = None
 
 
-def _start_worker(settings: Settings, pipelines: list[Pipeline], instance_ref: InstanceRef) -> None:
+def _start_worker(
+    settings: Settings, pipelines: list[Pipeline], open_instance: Callable[[], dg.DagsterInstance]
+) -> None:
     """A worker process builds the jobs and opens the instance once, for every range it is handed."""
     global _worker
     jobs = {pipeline.name: ingest_job(settings, pipeline) for pipeline in pipelines}
-    _worker = (dg.DagsterInstance.from_ref(instance_ref), jobs)
+    _worker = (open_instance(), jobs)
     freeze_startup_objects()
 
 

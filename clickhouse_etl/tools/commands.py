@@ -68,12 +68,9 @@ def ensure_pipeline_tables(settings: Settings, pipelines: list[Pipeline]) -> Non
 
 
 def dagster_instance(settings: Settings) -> dg.DagsterInstance:
-    import dagster as dg
+    from clickhouse_etl.orchestration.instance import export_dagster_home, open_instance
 
-    from clickhouse_etl.orchestration.instance import export_dagster_home
-
-    export_dagster_home(settings)
-    return dg.DagsterInstance.get()
+    return open_instance(export_dagster_home(settings))
 
 
 def run_workers_line(settings: Settings) -> str:
@@ -140,19 +137,18 @@ def _pipeline_table(loaded: list[LoadedPipeline]) -> str:
 
 
 def _catch_up(settings: Settings, args: argparse.Namespace) -> int:
+    import functools
     from contextlib import nullcontext
 
-    import dagster as dg
-    from dagster._core.instance.ref import InstanceRef
-
-    from clickhouse_etl.orchestration.instance import export_dagster_home
+    from clickhouse_etl.orchestration.instance import export_dagster_home, open_instance
     from clickhouse_etl.tools.catchup import CatchUpError, CatchUpWorkers, catch_up
 
     pipelines = chosen_pipelines(settings, args)
     # The worker processes start first: they import and open what a run needs while this process does the same.
-    instance_ref = InstanceRef.from_dir(export_dagster_home(settings))
-    workers = CatchUpWorkers(settings, pipelines, instance_ref) if settings.catch_up_workers > 1 else None
-    with workers or nullcontext(), dg.DagsterInstance.from_ref(instance_ref) as instance:
+    home = export_dagster_home(settings)
+    opener = functools.partial(open_instance, home)
+    workers = CatchUpWorkers(settings, pipelines, opener) if settings.catch_up_workers > 1 else None
+    with workers or nullcontext(), open_instance(home) as instance:
         ensure_pipeline_tables(settings, pipelines)
 
         # With --json, stdout carries the JSON objects alone and the progress lines go to stderr.
