@@ -18,6 +18,29 @@ def _active_parts(client: Client) -> int:
     return int(client.command("SELECT count() FROM system.parts WHERE active AND database = 'db' AND table = 'events'"))
 
 
+def _create_events(dsn: str) -> str:
+    """db.events in a new store; its data directory."""
+    with clickhouse_session(dsn, 30.0) as client:
+        client.command("CREATE DATABASE db")
+        client.command("CREATE TABLE db.events (id UInt64, body String) ENGINE = MergeTree ORDER BY id")
+        return str(client.command("SELECT data_paths[1] FROM system.tables WHERE database = 'db' AND name = 'events'"))
+
+
+def _insert_a_part_per_session(dsn: str, sessions: int, rows_per_part: int) -> None:
+    """One part per session, as each run's load writes one per table; ids from 0, consecutive."""
+    for session in range(sessions):
+        with clickhouse_session(dsn, 30.0) as client:
+            client.command(
+                f"INSERT INTO db.events SELECT number + {session * rows_per_part}, "
+                f"concat(toString(cityHash64(number)), toString(number)) FROM numbers({rows_per_part})"
+            )
+
+
+def _count_distinct_min_max(client: Client) -> tuple[int, int, int, int]:
+    [row] = client.query("SELECT count(), uniqExact(id), min(id), max(id) FROM db.events").result_rows
+    return row
+
+
 def test_sessions_shorter_than_a_merge_still_merge_the_parts_they_make(tmp_path: Path) -> None:
     dsn = f"chdb://{tmp_path / 'store'}"
     with clickhouse_session(dsn, 30.0) as client:
@@ -25,21 +48,14 @@ def test_sessions_shorter_than_a_merge_still_merge_the_parts_they_make(tmp_path:
             "SELECT value FROM system.merge_tree_settings WHERE name = 'max_bytes_to_merge_at_max_space_in_pool'"
         )
         assert int(cap) == EMBEDDED_MERGE_MAX_BYTES
-        client.command("CREATE DATABASE db")
-        client.command("CREATE TABLE db.events (id UInt64, body String) ENGINE = MergeTree ORDER BY id")
+    _create_events(dsn)
 
-    # One part per session, as each run's load writes one per table: when closing cancelled the merges, every
-    # session left one part more.
-    for session in range(SESSIONS):
-        with clickhouse_session(dsn, 30.0) as client:
-            client.command(
-                f"INSERT INTO db.events SELECT number + {session * ROWS_PER_PART}, "
-                f"concat(toString(cityHash64(number)), toString(number)) FROM numbers({ROWS_PER_PART})"
-            )
+    # When closing cancelled the merges, every session left one part more.
+    _insert_a_part_per_session(dsn, SESSIONS, ROWS_PER_PART)
 
     with clickhouse_session(dsn, 30.0) as client:
         assert _active_parts(client) < SESSIONS
-        [row] = client.query("SELECT count(), uniqExact(id), min(id), max(id) FROM db.events").result_rows
+        row = _count_distinct_min_max(client)
     rows = SESSIONS * ROWS_PER_PART
     assert row == (rows, rows, 0, rows - 1)  # merged, not lost or doubled
 
@@ -48,22 +64,14 @@ def test_parts_that_merges_replaced_are_removed_and_no_row_is_lost(tmp_path: Pat
     # The engine never removes them itself: without the removal, every session's part stays on disk for good.
     monkeypatch.setattr(clickhouse, "OUTDATED_PARTS_TO_REMOVE", 5)
     dsn = f"chdb://{tmp_path / 'store'}"
-    with clickhouse_session(dsn, 30.0) as client:
-        client.command("CREATE DATABASE db")
-        client.command("CREATE TABLE db.events (id UInt64, body String) ENGINE = MergeTree ORDER BY id")
-        data_path = client.command("SELECT data_paths[1] FROM system.tables WHERE database = 'db' AND name = 'events'")
+    data_path = _create_events(dsn)
     sessions, rows_per_part = 40, 1_000
-    for session in range(sessions):
-        with clickhouse_session(dsn, 30.0) as client:
-            client.command(
-                f"INSERT INTO db.events SELECT number + {session * rows_per_part}, toString(number) "
-                f"FROM numbers({rows_per_part})"
-            )
+    _insert_a_part_per_session(dsn, sessions, rows_per_part)
 
     with clickhouse_session(dsn, 30.0) as client:
         outdated = int(client.command("SELECT count() FROM system.parts WHERE NOT active AND table = 'events'"))
         active = _active_parts(client)
-        [row] = client.query("SELECT count(), uniqExact(id), min(id), max(id) FROM db.events").result_rows
+        row = _count_distinct_min_max(client)
     rows = sessions * rows_per_part
     assert row == (rows, rows, 0, rows - 1)
     assert outdated < 5
