@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from clickhouse_etl.core.collector import freeze_startup_objects, start_up_without_collections
 from clickhouse_etl.core.pipeline.loading import PipelineError
 from clickhouse_etl.core.settings import Settings, SettingsError, load_settings
 from clickhouse_etl.dev import commands as dev_commands
@@ -36,7 +37,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Start-up without cyclic collections (clickhouse_etl.core.collector), frozen once the command has started
+    # or, for a command whose start-up goes on, by the command itself.
+    start_up_without_collections()
     args = build_parser().parse_args(argv)
+    if not getattr(args, "freezes_startup_objects", False):
+        freeze_startup_objects()
     try:
         settings = load_settings()
     except SettingsError as error:

@@ -24,7 +24,7 @@ from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import unpack_value
 from dagster_celery.tasks import TASK_EXECUTE_JOB_NAME
 
-from clickhouse_etl.core.collector import freeze_startup_objects
+from clickhouse_etl.core.collector import freeze_startup_objects, start_up_without_collections
 from clickhouse_etl.orchestration.launcher import launcher_app
 
 
@@ -38,6 +38,7 @@ def worker_instance() -> dg.DagsterInstance:
 @worker_process_init.connect
 def _warm_up(**_: object) -> None:
     """Each child imports the code location and opens the instance once: every run finds them ready."""
+    start_up_without_collections()
     import clickhouse_etl.orchestration.definitions  # noqa: F401
 
     worker_instance()

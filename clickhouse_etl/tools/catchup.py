@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 from clickhouse_etl.clients.kafka import KafkaReader
-from clickhouse_etl.core.collector import freeze_startup_objects
+from clickhouse_etl.core.collector import freeze_startup_objects, pickled_start_up, start_up_pickled
 from clickhouse_etl.core.pipeline.model import Pipeline
 from clickhouse_etl.core.processes import peak_rss_bytes
 from clickhouse_etl.core.ranges import OffsetRange, balanced_run_size, split_evenly
@@ -216,8 +216,8 @@ class CatchUpWorkers:
         self._pool = ProcessPoolExecutor(
             self.size,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker,
-            initargs=(settings, pipelines, open_instance),
+            initializer=start_up_pickled,
+            initargs=(pickled_start_up(_start_worker, settings, pipelines, open_instance),),
         )
         # The pool spawns a process for a submitted call while none is idle: one call each starts them all now.
         for _ in range(self.size):

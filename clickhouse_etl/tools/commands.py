@@ -402,7 +402,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     catch = commands.add_parser("catch-up", help="process everything available now through the Dagster job(s)")
     add_pipeline_options(catch)
     catch.add_argument("--json", action="store_true", help="print one JSON object per pipeline after its runs")
-    catch.set_defaults(handler=_catch_up)
+    # Its start-up goes on after the command starts (workers, instance, jobs); catch_up freezes it.
+    catch.set_defaults(handler=_catch_up, freezes_startup_objects=True)
 
     backfill = commands.add_parser("backfill", help="re-process an exact offset range through the job")
     add_pipeline_options(backfill, one=True)
