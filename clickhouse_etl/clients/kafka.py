@@ -17,6 +17,7 @@ from clickhouse_etl.core.processes import return_free_heap
 from clickhouse_etl.core.ranges import OffsetRange, split_range
 
 COLUMN_CHUNK = 65_536  # messages turned into polars columns at a time while a range is read
+FETCH_BYTES = 1_048_576  # fetched from a partition at a time, and queued at most (see KafkaReader._config)
 
 
 class OffsetGapError(RuntimeError):
@@ -44,12 +45,13 @@ class KafkaReader:
             # An offset that no longer exists must fail, not silently jump to another position.
             "auto.offset.reset": "error",
             "enable.partition.eof": True,
-            # Fetches of 16 MiB, at most 16 MiB queued, fetched again as soon as the queue has room: reading 1M
-            # messages took 1.05 to 2.5 s and 420 MiB peak RSS this way, against 1.5 s and 530 MiB with 100 MiB
-            # fetches and a 64 MiB queue (librdkafka waits a second before fetching into a full queue).
-            "fetch.max.bytes": 16_777_216,
-            "max.partition.fetch.bytes": 16_777_216,
-            "queued.max.messages.kbytes": 16_384,
+            # Fetches of 1 MiB, at most 1 MiB queued, fetched again as soon as the queue has room. The consumer
+            # fetches ahead of what is consumed and cannot be told where a range ends: with 16 MiB, a range that
+            # ended before the partition's end had up to 16 MiB more fetched and decompressed for nothing, 0.1
+            # CPU-s each (docs/benchmarks.md). A batch larger than the fetch size is still fetched whole.
+            "fetch.max.bytes": max(FETCH_BYTES, int(str(self.extra_config.get("message.max.bytes", 0)))),
+            "max.partition.fetch.bytes": FETCH_BYTES,
+            "queued.max.messages.kbytes": FETCH_BYTES // 1024,
             "fetch.queue.backoff.ms": 0,
             "log_level": 4,
             **self.extra_config,
