@@ -44,10 +44,6 @@ def _produce(settings: Settings, topic: str, values: list[bytes]) -> None:
     assert producer.flush(30) == 0
 
 
-def _read(reader: KafkaReader, topic: str, start: int, end: int, window: int) -> list[tuple[OffsetRange, pl.DataFrame]]:
-    return list(reader.read_windows(OffsetRange(topic, 0, start, end), window))
-
-
 def test_ranges_read_exactly_around_a_batch_larger_than_a_fetch(base_settings: Settings) -> None:
     topic = _topic_with_large_messages(base_settings)
     small = [f'{{"n": {i}, "pad": "{"x" * 300}"}}'.encode() for i in range(6_000)]
@@ -57,7 +53,7 @@ def test_ranges_read_exactly_around_a_batch_larger_than_a_fetch(base_settings: S
     reader = KafkaReader(base_settings.kafka_bootstrap_servers)
 
     def values_of(start: int, end: int, window: int = 1_000) -> list[bytes]:
-        windows = _read(reader, topic, start, end, window)
+        windows = list(reader.read_windows(OffsetRange(topic, 0, start, end), window))
         assert [w for w, _ in windows] == [
             OffsetRange(topic, 0, first, min(first + window, end)) for first in range(start, end, window)
         ]
