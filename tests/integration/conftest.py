@@ -79,11 +79,13 @@ def base_settings(stack_dir: Path) -> Iterator[Settings]:
     stack.stack_down(settings, echo=print)
 
 
-def new_topic(settings: Settings, prefix: str) -> str:
-    """A new three-partition topic: tests never see each other's offsets or claims."""
+def new_topic(settings: Settings, prefix: str, partitions: int = 3, config: dict[str, str] | None = None) -> str:
+    """A new topic (three partitions unless told; `config`: topic settings): tests never see each other's
+    offsets or claims."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    admin.create_topics([NewTopic(name, num_partitions=3, replication_factor=1)])[name].result(30)
+    topic = NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})
+    admin.create_topics([topic])[name].result(30)
     return name
 
 

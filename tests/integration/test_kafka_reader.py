@@ -4,29 +4,21 @@ its fetch size whole: the consumer fetches ahead of the range in pieces of FETCH
 from __future__ import annotations
 
 import os
-import uuid
 
 import polars as pl
 import pytest
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from clickhouse_etl.clients.kafka import FETCH_BYTES, KafkaReader
 from clickhouse_etl.core.ranges import OffsetRange
 from clickhouse_etl.core.settings import Settings
 
+from .conftest import new_topic
+
 pytestmark = pytest.mark.integration
 
 LARGE = 3 * FETCH_BYTES  # one message, alone in its record batch, three fetch sizes long
 TOPIC_MAX_BYTES = 4 * FETCH_BYTES
-
-
-def _topic_with_large_messages(settings: Settings) -> str:
-    name = f"reader_{uuid.uuid4().hex[:10]}"
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    topic = NewTopic(name, num_partitions=1, replication_factor=1, config={"max.message.bytes": str(TOPIC_MAX_BYTES)})
-    admin.create_topics([topic])[name].result(30)
-    return name
 
 
 def _produce(settings: Settings, topic: str, values: list[bytes]) -> None:
@@ -45,7 +37,7 @@ def _produce(settings: Settings, topic: str, values: list[bytes]) -> None:
 
 
 def test_ranges_read_exactly_around_a_batch_larger_than_a_fetch(base_settings: Settings) -> None:
-    topic = _topic_with_large_messages(base_settings)
+    topic = new_topic(base_settings, "reader", partitions=1, config={"max.message.bytes": str(TOPIC_MAX_BYTES)})
     small = [f'{{"n": {i}, "pad": "{"x" * 300}"}}'.encode() for i in range(6_000)]
     large = os.urandom(LARGE)
     values = [*small[:3_000], large, *small[3_000:]]
@@ -57,10 +49,9 @@ def test_ranges_read_exactly_around_a_batch_larger_than_a_fetch(base_settings: S
         assert [w for w, _ in windows] == [
             OffsetRange(topic, 0, first, min(first + window, end)) for first in range(start, end, window)
         ]
-        frames = [frame for _, frame in windows]
-        for (window_range, _), frame in zip(windows, frames, strict=True):
+        for window_range, frame in windows:
             assert frame["kafka_offset"].to_list() == list(range(window_range.start, window_range.end))
-        return pl.concat(frames)["value"].to_list()
+        return pl.concat([frame for _, frame in windows])["value"].to_list()
 
     assert values_of(0, 2_500) == values[:2_500]  # ends well before the partition's end
     assert values_of(2_999, 3_002, window=1) == values[2_999:3_002]  # the large message alone in its window
