@@ -20,6 +20,12 @@ and slower (0.09 s after `clickhouse-etl seed`, 0.34 s after 122 load sessions t
 A session that leaves OUTDATED_PARTS_TO_REMOVE or more therefore removes them after closing the engine, still
 holding the store, once the disk holds every part that replaced them (a sync): what ClickHouse's own cleanup
 does once a replaced part is old enough.
+
+Rows go into the embedded store from Arrow without a copy in between: `INSERT … SELECT * FROM
+Python(<table>)`, chDB's table function over a Python object, reads the Arrow columns in place. The
+client's own insert_arrow writes them as an Arrow IPC stream to a temporary file that the engine then reads
+back: two more copies of every insert and a quarter more of its time (docs/benchmarks.md). A server has no
+such function and gets the IPC stream over HTTP.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
+import pyarrow as pa
+from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
 
 from clickhouse_etl.core.processes import return_free_heap
@@ -50,6 +59,10 @@ os.environ.setdefault("JE_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
 
 # A load holds the store for a second or two; a wait longer than this is worth a line in the run's log.
 REPORT_WAIT_AFTER_SECONDS = 5.0
+# A process waiting for the store tries again this often, so it takes the store within this time of its release:
+# a backoff doubling from 50 ms slept on for up to as long again as the wait had lasted, and a catch-up's two
+# processes, whose loads often meet, lost 0.2 to 0.8 s in a run that way (docs/benchmarks.md).
+LOCK_POLL_SECONDS = 0.01
 # 128 MiB of parts (about 3.5M rows of the demo's sink table) merge in about 3.5 CPU seconds here, far within
 # MERGES_FINISH_SECONDS on a slower machine too. Parts then stay at 64-128 MiB: 300-600 per billion such rows.
 EMBEDDED_MERGE_MAX_BYTES = 128 * 2**20
@@ -66,6 +79,10 @@ EMBEDDED_CONFIG = f"""<clickhouse>
 """
 
 
+# The clients of the embedded store's sessions now open (see insert_arrow).
+_embedded_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
 class ClickHouseUnavailable(RuntimeError):
     """ClickHouse could not be reached (or the embedded store stayed held) within the timeout."""
 
@@ -77,7 +94,6 @@ def _embedded_store_lock(path: Path, timeout: float) -> Iterator[None]:
     with open(lock_path, "a+") as lock_file:
         started = time.monotonic()
         reported = False
-        delay = 0.05
         while True:
             try:
                 fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -96,8 +112,7 @@ def _embedded_store_lock(path: Path, timeout: float) -> Iterator[None]:
                         timeout,
                     )
                     reported = True
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                time.sleep(LOCK_POLL_SECONDS)
         # Whoever waits next can name the holder.
         lock_file.seek(0)
         lock_file.truncate()
@@ -183,6 +198,7 @@ def clickhouse_session(dsn: str, timeout: float, finish_merges: bool = True) -> 
         with _embedded_store_lock(path, timeout):
             return_free_heap()  # the engine's allocations then come on top of what is in use only
             client = _connect(dsn, timeout, chdb_options={"config-file": str(_embedded_config(path))})
+            _embedded_clients.add(client)
             outdated: list[str] = []
             try:
                 yield client
@@ -204,3 +220,27 @@ def clickhouse_session(dsn: str, timeout: float, finish_merges: bool = True) -> 
             yield client
         finally:
             client.close()
+
+
+def insert_arrow(client: Client, table: str, rows: pa.Table, settings: Mapping[str, str | int]) -> None:
+    """Insert `rows` into `table` (quoted as needed) with `settings`: on the embedded store through chDB's
+    Python() table function (see the module's note), on a server as an Arrow IPC stream."""
+    if client not in _embedded_clients:
+        client.insert_arrow(table, rows, settings=dict(settings))
+        return
+    # Python() finds the object by this name among the variables of the calling Python frames, innermost first:
+    # a name no frame between here and the engine uses.
+    clickhouse_etl_insert_rows = rows  # noqa: F841
+    # One thread reads the rows: one stream, squashed into one block as a client's insert is.
+    every = {**settings, "max_threads": 1}
+    clause = ", ".join(f"{name} = {_setting_literal(value)}" for name, value in every.items())
+    columns = ", ".join(quote_identifier(name) for name in rows.column_names)  # by name, as the client inserts
+    client.command(
+        f"INSERT INTO {table} ({columns}) SETTINGS {clause} SELECT * FROM Python(clickhouse_etl_insert_rows)"
+    )
+
+
+def _setting_literal(value: str | int) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 import polars as pl
 from clickhouse_connect.driver.client import Client
 
+from clickhouse_etl.clients.clickhouse import insert_arrow
 from clickhouse_etl.core.pipeline.ddl import COMMENT_KEY, LOADS, MARKED
 from clickhouse_etl.core.ranges import OffsetRange
 
@@ -166,10 +167,11 @@ def _delete(client: Client, database: str, table: str, where: str, parameters: d
 
 
 def _insert(client: Client, database: str, table: str, rows: pl.DataFrame, token: str) -> None:
-    client.insert_arrow(
+    insert_arrow(
+        client,
         f"`{database}`.`{table}`",
         rows.rechunk().to_arrow(),
-        settings={"insert_deduplication_token": token, "insert_deduplicate": 1, **SINGLE_BLOCK},
+        {"insert_deduplication_token": token, "insert_deduplicate": 1, **SINGLE_BLOCK},
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,20 @@ def test_a_session_records_who_holds_the_store(tmp_path: Path) -> None:
     store = tmp_path / "store"
     with clickhouse_session(f"chdb://{store}", 5.0):
         assert (tmp_path / "store.lock").read_text() == f"pid {os.getpid()}"
+
+
+def test_a_store_released_while_a_session_waits_is_taken_by_it(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    with open(tmp_path / "store.lock", "w") as holder:
+        holder.write("pid 4242")
+        holder.flush()
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        release = threading.Timer(0.3, fcntl.flock, (holder.fileno(), fcntl.LOCK_UN))
+        release.start()
+        try:
+            with clickhouse_session(f"chdb://{store}", 30.0) as client:
+                assert client.command("SELECT 1") == 1
+                assert (tmp_path / "store.lock").read_text() == f"pid {os.getpid()}"
+        finally:
+            release.cancel()
