@@ -21,11 +21,10 @@ A session that leaves OUTDATED_PARTS_TO_REMOVE or more therefore removes them af
 holding the store, once the disk holds every part that replaced them (a sync): what ClickHouse's own cleanup
 does once a replaced part is old enough.
 
-Rows go into the embedded store from Arrow without a copy in between: `INSERT … SELECT * FROM
-Python(<table>)`, chDB's table function over a Python object, reads the Arrow columns in place. The
-client's own insert_arrow writes them as an Arrow IPC stream to a temporary file that the engine then reads
-back: two more copies of every insert and a quarter more of its time (docs/benchmarks.md). A server has no
-such function and gets the IPC stream over HTTP.
+Rows go into the embedded store as an Arrow IPC stream handed to the engine in memory, through chDB's
+streaming insert on a handle of the session's engine. The client's own insert_arrow writes the stream to a
+temporary file that the engine then reads back, a quarter more of the insert's time (docs/benchmarks.md). A
+server gets the stream over HTTP from the client, as before.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import chdb
 import clickhouse_connect
 import pyarrow as pa
 from clickhouse_connect.driver.binding import quote_identifier
@@ -79,8 +79,8 @@ EMBEDDED_CONFIG = f"""<clickhouse>
 """
 
 
-# The clients of the embedded store's sessions now open (see insert_arrow).
-_embedded_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+# The store of each embedded session's client now open (see insert_arrow).
+_embedded_stores: weakref.WeakKeyDictionary[Client, str] = weakref.WeakKeyDictionary()
 
 
 class ClickHouseUnavailable(RuntimeError):
@@ -198,7 +198,7 @@ def clickhouse_session(dsn: str, timeout: float, finish_merges: bool = True) -> 
         with _embedded_store_lock(path, timeout):
             return_free_heap()  # the engine's allocations then come on top of what is in use only
             client = _connect(dsn, timeout, chdb_options={"config-file": str(_embedded_config(path))})
-            _embedded_clients.add(client)
+            _embedded_stores[client] = str(path)
             outdated: list[str] = []
             try:
                 yield client
@@ -223,21 +223,26 @@ def clickhouse_session(dsn: str, timeout: float, finish_merges: bool = True) -> 
 
 
 def insert_arrow(client: Client, table: str, rows: pa.Table, settings: Mapping[str, str | int]) -> None:
-    """Insert `rows` into `table` (quoted as needed) with `settings`: on the embedded store through chDB's
-    Python() table function (see the module's note), on a server as an Arrow IPC stream."""
-    if client not in _embedded_clients:
+    """Insert `rows` into `table` (quoted as needed) with `settings`, as one Arrow IPC stream: on the embedded
+    store handed to the engine in memory (see the module's note), to a server by the client over HTTP."""
+    store = _embedded_stores.get(client)
+    if store is None:
         client.insert_arrow(table, rows, settings=dict(settings))
         return
-    # Python() finds the object by this name among the variables of the calling Python frames, innermost first:
-    # a name no frame between here and the engine uses.
-    clickhouse_etl_insert_rows = rows  # noqa: F841
-    # One thread reads the rows: one stream, squashed into one block as a client's insert is.
-    every = {**settings, "max_threads": 1}
-    clause = ", ".join(f"{name} = {_setting_literal(value)}" for name, value in every.items())
+    stream = pa.BufferOutputStream()
+    with pa.ipc.new_stream(stream, rows.schema) as writer:
+        writer.write_table(rows)
     columns = ", ".join(quote_identifier(name) for name in rows.column_names)  # by name, as the client inserts
-    client.command(
-        f"INSERT INTO {table} ({columns}) SETTINGS {clause} SELECT * FROM Python(clickhouse_etl_insert_rows)"
-    )
+    clause = ", ".join(f"{name} = {_setting_literal(value)}" for name, value in settings.items())
+    # A second handle of the engine the session opened: chDB runs one engine per process and store, which stays
+    # up while any handle is open, so this one is closed before the session's.
+    engine = chdb.connect(store)
+    try:
+        with engine.send_insert(f"INSERT INTO {table} ({columns}) SETTINGS {clause}", "ArrowStream") as insert:
+            insert.append(stream.getvalue().to_pybytes())
+            insert.finish()
+    finally:
+        engine.close()
 
 
 def _setting_literal(value: str | int) -> str:

@@ -1,5 +1,5 @@
-"""Arrow rows go into the embedded store through chDB's Python() table function: by column name, one block
-per insert, skipped when their token was seen, whatever the calling frames hold."""
+"""Arrow rows go into the embedded store as a stream handed to the engine in memory: by column name, one block
+per insert, skipped when their token was seen; the store is released with the session."""
 
 from __future__ import annotations
 
@@ -38,10 +38,7 @@ def _rows(first_id: int) -> pa.Table:
     ).to_arrow()
 
 
-def _insert_beside_a_decoy(client: Client, rows: pa.Table, token: str) -> None:
-    # A caller's variable of the name insert_arrow gives its rows: the rows inserted must still be `rows`.
-    clickhouse_etl_insert_rows = pl.DataFrame({"id": [999]}).to_arrow()
-    assert clickhouse_etl_insert_rows.num_rows == 1
+def _insert(client: Client, rows: pa.Table, token: str) -> None:
     insert_arrow(client, "db.t", rows, {"insert_deduplication_token": token, "insert_deduplicate": 1})
 
 
@@ -49,9 +46,9 @@ def test_arrow_rows_go_in_by_name_once_per_token(tmp_path: Path) -> None:
     with clickhouse_session(f"chdb://{tmp_path / 'store'}", 30.0) as client:
         client.command("CREATE DATABASE db")
         client.command(TABLE)
-        _insert_beside_a_decoy(client, _rows(1), "topic/0/1-3/t'x")
-        _insert_beside_a_decoy(client, _rows(1), "topic/0/1-3/t'x")  # a replay: skipped
-        _insert_beside_a_decoy(client, _rows(3), "topic/0/3-5/t")
+        _insert(client, _rows(1), "topic/0/1-3/t'x")
+        _insert(client, _rows(1), "topic/0/1-3/t'x")  # a replay: skipped
+        _insert(client, _rows(3), "topic/0/3-5/t")
 
         rows = client.query(
             "SELECT id, name, hex(raw), toString(amount), toUnixTimestamp64Milli(at), note FROM db.t ORDER BY id"
@@ -66,3 +63,16 @@ def test_arrow_rows_go_in_by_name_once_per_token(tmp_path: Path) -> None:
         (4, None, "FF00", None, millis, "none"),
     ]
     assert int(parts) == 2  # one block per insert
+
+
+def test_a_store_inserted_into_is_released_with_its_session(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with clickhouse_session(f"chdb://{store}", 30.0) as client:
+        client.command("CREATE DATABASE db")
+        client.command(TABLE)
+        _insert(client, _rows(1), "topic/0/1-3/t")
+    # Another store opens in this process only once the engine of the first has stopped.
+    with clickhouse_session(f"chdb://{tmp_path / 'other'}", 30.0) as client:
+        assert client.command("SELECT 1") == 1
+    with clickhouse_session(f"chdb://{store}", 30.0) as client:
+        assert client.command("SELECT count() FROM db.t") == 2
