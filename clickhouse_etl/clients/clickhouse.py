@@ -40,7 +40,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import chdb
 import clickhouse_connect
 import pyarrow as pa
 from clickhouse_connect.driver.binding import quote_identifier
@@ -235,7 +234,10 @@ def insert_arrow(client: Client, table: str, rows: pa.Table, settings: Mapping[s
     columns = ", ".join(quote_identifier(name) for name in rows.column_names)  # by name, as the client inserts
     clause = ", ".join(f"{name} = {_setting_literal(value)}" for name, value in settings.items())
     # A second handle of the engine the session opened: chDB runs one engine per process and store, which stays
-    # up while any handle is open, so this one is closed before the session's.
+    # up while any handle is open, so this one is closed before the session's. (chDB is imported only here and
+    # by the session's client: a process with a server DSN never loads the library.)
+    import chdb
+
     engine = chdb.connect(store)
     try:
         with engine.send_insert(f"INSERT INTO {table} ({columns}) SETTINGS {clause}", "ArrowStream") as insert:
