@@ -38,14 +38,16 @@ import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import clickhouse_connect
-import pyarrow as pa
 from clickhouse_connect.driver.binding import quote_identifier
 from clickhouse_connect.driver.client import Client
 
 from clickhouse_etl.core.processes import return_free_heap
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger("clickhouse_etl")
 
@@ -58,9 +60,9 @@ os.environ.setdefault("JE_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
 
 # A load holds the store for a second or two; a wait longer than this is worth a line in the run's log.
 REPORT_WAIT_AFTER_SECONDS = 5.0
-# A process waiting for the store tries again this often, so it takes the store within this time of its release:
-# a backoff doubling from 50 ms slept on for up to as long again as the wait had lasted, and a catch-up's two
-# processes, whose loads often meet, lost 0.2 to 0.8 s in a run that way (docs/benchmarks.md).
+# A process waiting for the store tries again this often, so it takes the store within this time of its release.
+# A backoff doubling from 50 ms slept on for up to as long again as the wait had lasted: a catch-up's worker,
+# whose first load often meets the other process's, waited 0.35 or 0.75 s, the backoff's steps (docs/benchmarks.md).
 LOCK_POLL_SECONDS = 0.01
 # 128 MiB of parts (about 3.5M rows of the demo's sink table) merge in about 3.5 CPU seconds here, far within
 # MERGES_FINISH_SECONDS on a slower machine too. Parts then stay at 64-128 MiB: 300-600 per billion such rows.
@@ -228,16 +230,18 @@ def insert_arrow(client: Client, table: str, rows: pa.Table, settings: Mapping[s
     if store is None:
         client.insert_arrow(table, rows, settings=dict(settings))
         return
+    # Imported here, as the client imports them for its first embedded session: processes that never insert
+    # into the embedded store (the webserver, the daemon, a server DSN) load neither library.
+    import chdb
+    import pyarrow as pa
+
     stream = pa.BufferOutputStream()
     with pa.ipc.new_stream(stream, rows.schema) as writer:
         writer.write_table(rows)
     columns = ", ".join(quote_identifier(name) for name in rows.column_names)  # by name, as the client inserts
     clause = ", ".join(f"{name} = {_setting_literal(value)}" for name, value in settings.items())
     # A second handle of the engine the session opened: chDB runs one engine per process and store, which stays
-    # up while any handle is open, so this one is closed before the session's. (chDB is imported only here and
-    # by the session's client: a process with a server DSN never loads the library.)
-    import chdb
-
+    # up while any handle is open, so this one is closed before the session's.
     engine = chdb.connect(store)
     try:
         with engine.send_insert(f"INSERT INTO {table} ({columns}) SETTINGS {clause}", "ArrowStream") as insert:
