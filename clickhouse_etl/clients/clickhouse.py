@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import clickhouse_connect
-from clickhouse_connect.driver.binding import quote_identifier
+from clickhouse_connect.driver.binding import format_query_value, quote_identifier
 from clickhouse_connect.driver.client import Client
 
 from clickhouse_etl.core.processes import return_free_heap
@@ -239,7 +239,7 @@ def insert_arrow(client: Client, table: str, rows: pa.Table, settings: Mapping[s
     with pa.ipc.new_stream(stream, rows.schema) as writer:
         writer.write_table(rows)
     columns = ", ".join(quote_identifier(name) for name in rows.column_names)  # by name, as the client inserts
-    clause = ", ".join(f"{name} = {_setting_literal(value)}" for name, value in settings.items())
+    clause = ", ".join(f"{name} = {format_query_value(value)}" for name, value in settings.items())
     # A second handle of the engine the session opened: chDB runs one engine per process and store, which stays
     # up while any handle is open, so this one is closed before the session's.
     engine = chdb.connect(store)
@@ -249,9 +249,3 @@ def insert_arrow(client: Client, table: str, rows: pa.Table, settings: Mapping[s
             insert.finish()
     finally:
         engine.close()
-
-
-def _setting_literal(value: str | int) -> str:
-    if isinstance(value, int):
-        return str(value)
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
