@@ -133,6 +133,14 @@ def _embedded_config(path: Path) -> Path:
     return config
 
 
+def _import_embedded_engine() -> None:
+    """Import chDB (which loads the engine's library) and pyarrow, as the client's first embedded session and
+    first insert would: before the store is taken, not while another process may be waiting for it. A
+    process's first session held the store 0.24 s to open it, 0.03 s with both imported (docs/benchmarks.md)."""
+    import chdb  # noqa: F401
+    import pyarrow  # noqa: F401
+
+
 def _wait_for_merges(client: Client, seconds: float = MERGES_FINISH_SECONDS) -> None:
     """Wait until no merge runs (at most `seconds`): a merge that finishes is never done again."""
     deadline = time.monotonic() + seconds
@@ -196,6 +204,7 @@ def clickhouse_session(dsn: str, timeout: float, finish_merges: bool = True) -> 
     if dsn.startswith("chdb://"):
         path = Path(dsn.removeprefix("chdb://"))
         path.mkdir(parents=True, exist_ok=True)
+        _import_embedded_engine()
         with _embedded_store_lock(path, timeout):
             return_free_heap()  # the engine's allocations then come on top of what is in use only
             client = _connect(dsn, timeout, chdb_options={"config-file": str(_embedded_config(path))})
@@ -230,8 +239,8 @@ def insert_arrow(client: Client, table: str, rows: pa.Table, settings: Mapping[s
     if store is None:
         client.insert_arrow(table, rows, settings=dict(settings))
         return
-    # Imported here, as the client imports them for its first embedded session: processes that never insert
-    # into the embedded store (the webserver, the daemon, a server DSN) load neither library.
+    # Imported with the session (_import_embedded_engine): processes that never open the embedded store (the
+    # webserver, the daemon, a server DSN) load neither library.
     import chdb
     import pyarrow as pa
 
