@@ -12,7 +12,9 @@ shorter than most merges, so merges were started and thrown away session after s
 nothing while the store was held, and parts never merged (one more per table and run, towards ClickHouse's
 limit of 3,000 parts). A session on the embedded store therefore lets the merges running at its end finish
 before it releases the store (within MERGES_FINISH_SECONDS), and the engine merges parts of at most
-EMBEDDED_MERGE_MAX_BYTES in all, so that a merge always can finish in that time (docs/benchmarks.md).
+EMBEDDED_MERGE_MAX_BYTES in all, so that a merge always can finish in that time (docs/benchmarks.md). A merge
+joins about EMBEDDED_MERGE_SELECTOR_BASE parts at a time, twice ClickHouse's default, so that a row is rewritten
+by fewer merges on its way to that size: with the default, merges took half the CPU of 24 load sessions.
 
 The embedded engine never removes outdated parts (those a merge or mutation replaced: its background cleanup
 does not run), and it reads every part on disk when it opens: a store written by many sessions opened slower
@@ -67,6 +69,12 @@ LOCK_POLL_SECONDS = 0.01
 # 128 MiB of parts (about 3.5M rows of the demo's sink table) merge in about 3.5 CPU seconds here, far within
 # MERGES_FINISH_SECONDS on a slower machine too. Parts then stay at 64-128 MiB: 300-600 per billion such rows.
 EMBEDDED_MERGE_MAX_BYTES = 128 * 2**20
+# A merge joins about this many parts of one size (ClickHouse's default: 5). Each merge level rewrites every row
+# once on its way to the cap, on the cores of the loading process: 24 load sessions of four 110,000-row inserts of
+# the demo's sink table took 31.8 / 33.4 CPU seconds with 5, 25.0 / 24.4 with 10 and 15.7 with merges stopped;
+# 48 sessions 65.7 against 47.8 (docs/benchmarks.md). The price is more parts below the cap for queries to read:
+# 16 against 5 after 24 sessions, 26 against 10 after 48.
+EMBEDDED_MERGE_SELECTOR_BASE = 10
 MERGES_FINISH_SECONDS = 30.0
 MERGES_POLL_SECONDS = 0.02
 # Each sync writes out what the whole machine has buffered, so outdated parts are removed a hundred at a time
@@ -75,6 +83,7 @@ OUTDATED_PARTS_TO_REMOVE = 100
 EMBEDDED_CONFIG = f"""<clickhouse>
   <merge_tree>
     <max_bytes_to_merge_at_max_space_in_pool>{EMBEDDED_MERGE_MAX_BYTES}</max_bytes_to_merge_at_max_space_in_pool>
+    <merge_selector_base>{EMBEDDED_MERGE_SELECTOR_BASE}</merge_selector_base>
   </merge_tree>
 </clickhouse>
 """

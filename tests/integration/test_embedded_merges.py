@@ -8,7 +8,11 @@ from pathlib import Path
 from clickhouse_connect.driver.client import Client
 
 from clickhouse_etl.clients import clickhouse
-from clickhouse_etl.clients.clickhouse import EMBEDDED_MERGE_MAX_BYTES, clickhouse_session
+from clickhouse_etl.clients.clickhouse import (
+    EMBEDDED_MERGE_MAX_BYTES,
+    EMBEDDED_MERGE_SELECTOR_BASE,
+    clickhouse_session,
+)
 
 SESSIONS = 12
 ROWS_PER_PART = 200_000  # a merge of a few such parts outlasts a session that only inserts one
@@ -44,10 +48,14 @@ def _count_distinct_min_max(client: Client) -> tuple[int, int, int, int]:
 def test_sessions_shorter_than_a_merge_still_merge_the_parts_they_make(tmp_path: Path) -> None:
     dsn = f"chdb://{tmp_path / 'store'}"
     with clickhouse_session(dsn, 30.0) as client:
-        cap = client.command(
-            "SELECT value FROM system.merge_tree_settings WHERE name = 'max_bytes_to_merge_at_max_space_in_pool'"
+        settings = dict(
+            client.query(
+                "SELECT name, value FROM system.merge_tree_settings "
+                "WHERE name IN ('max_bytes_to_merge_at_max_space_in_pool', 'merge_selector_base')"
+            ).result_rows
         )
-        assert int(cap) == EMBEDDED_MERGE_MAX_BYTES
+        assert int(settings["max_bytes_to_merge_at_max_space_in_pool"]) == EMBEDDED_MERGE_MAX_BYTES
+        assert float(settings["merge_selector_base"]) == EMBEDDED_MERGE_SELECTOR_BASE
     _create_events(dsn)
 
     # When closing cancelled the merges, every session left one part more.
