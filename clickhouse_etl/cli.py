@@ -10,9 +10,9 @@ from collections.abc import Callable
 from clickhouse_etl.core.collector import freeze_startup_objects, start_up_without_collections
 
 # The commands' modules (Dagster, polars and the pipelines among them) are imported in the functions below,
-# once main has turned the cyclic collector off: a catch-up process's imports took 0.88-0.91 CPU-s with the
-# collector, 0.76-0.81 without. A catch-up worker, spawned, runs this module again as its main module before
-# its own start-up; it imports nothing here that its runs do not need.
+# once main has turned the cyclic collector off: a catch-up process's imports took 0.81-0.87 CPU-s when this
+# module imported them with the collector on, 0.76-0.82 now. A spawned catch-up worker runs this module again as
+# its main module before its own start-up, and imports nothing here.
 
 
 def build_parser() -> argparse.ArgumentParser:

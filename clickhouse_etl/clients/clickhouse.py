@@ -67,13 +67,14 @@ REPORT_WAIT_AFTER_SECONDS = 5.0
 # whose first load often meets the other process's, waited 0.35 or 0.75 s, the backoff's steps (docs/benchmarks.md).
 LOCK_POLL_SECONDS = 0.01
 # 128 MiB of parts (about 3.5M rows of the demo's sink table) merge in about 3.5 CPU seconds here, far within
-# MERGES_FINISH_SECONDS on a slower machine too. Parts then stay at 64-128 MiB: 300-600 per billion such rows.
+# MERGES_FINISH_SECONDS on a slower machine too.
 EMBEDDED_MERGE_MAX_BYTES = 128 * 2**20
 # A merge joins about this many parts of one size (ClickHouse's default: 5). Each merge level rewrites every row
 # once on its way to the cap, on the cores of the loading process: 24 load sessions of four 110,000-row inserts of
 # the demo's sink table took 31.8 / 33.4 CPU seconds with 5, 25.0 / 24.4 with 10 and 15.7 with merges stopped;
-# 48 sessions 65.7 against 47.8 (docs/benchmarks.md). The price is more parts below the cap for queries to read:
-# 16 against 5 after 24 sessions, 26 against 10 after 48.
+# 48 sessions 65.7 against 47.8 (docs/benchmarks.md). The price: more parts for queries to read, and more disk, as
+# less of the data sits in large parts, which the engine compresses better (a table like it after 96 sessions of
+# four such inserts, 42.2M rows: 53 parts and 2,625 MiB against 39 and 1,942 MiB; docs/production.md).
 EMBEDDED_MERGE_SELECTOR_BASE = 10
 MERGES_FINISH_SECONDS = 30.0
 MERGES_POLL_SECONDS = 0.02
@@ -145,7 +146,7 @@ def _embedded_config(path: Path) -> Path:
 def _import_embedded_engine() -> None:
     """Import chDB (which loads the engine's library) and pyarrow, as the client's first embedded session and
     first insert would: before the store is taken, not while another process may be waiting for it. A
-    process's first session held the store 0.24 s to open it, 0.03 s with both imported (docs/benchmarks.md)."""
+    process's first session held the store 0.24 s to open it, 0.04 s with both imported (docs/benchmarks.md)."""
     import chdb  # noqa: F401
     import pyarrow  # noqa: F401
 
