@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,7 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import polars as pl
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from clickhouse_etl.core.collector import collections_paused
 from clickhouse_etl.core.processes import return_free_heap
@@ -18,6 +20,13 @@ from clickhouse_etl.core.ranges import OffsetRange, split_range
 
 COLUMN_CHUNK = 65_536  # messages turned into polars columns at a time while a range is read
 FETCH_BYTES = 1_048_576  # fetched from a partition at a time, and queued at most (see KafkaReader._config)
+
+# Group offsets are committed through one admin client per configuration, kept for the life of the process: a
+# new client's first commit waits 65-70 ms for the group coordinator (found and connected to), a kept one's
+# takes about 7 ms. An admin client, not a consumer: an idle consumer with a group id looks for its coordinator
+# every 50 ms while the broker is away, logging each failed connection; an admin client connects on demand.
+_group_offset_clients: dict[tuple[tuple[str, str], ...], AdminClient] = {}
+_group_offset_clients_lock = threading.Lock()
 
 
 class OffsetGapError(RuntimeError):
@@ -185,15 +194,24 @@ class KafkaReader:
 
     def commit_group_offset(self, offset_range: OffsetRange) -> None:
         """Commit `end` for the consumer group, only so external lag tools see progress."""
-        with self.consumer() as consumer:
-            consumer.commit(
-                offsets=[TopicPartition(offset_range.topic, offset_range.partition, offset_range.end)],
-                asynchronous=False,
-            )
+        config = {"bootstrap.servers": self.bootstrap_servers, "log_level": 4, **self.extra_config}
+        key = tuple(sorted((name, str(value)) for name, value in config.items()))
+        with _group_offset_clients_lock:
+            client = _group_offset_clients.get(key)
+            if client is None:
+                client = _group_offset_clients[key] = AdminClient(config)
+        position = TopicPartition(offset_range.topic, offset_range.partition, offset_range.end)
+        requests = client.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(self.consumer_group, [position])])
+        for committed in requests[self.consumer_group].result().topic_partitions:
+            if committed.error is not None:
+                raise KafkaException(committed.error)
 
-    def start_offsets(self, topic: str, start_position: str) -> dict[int, int]:
-        """Per partition, the first offset to process for `earliest`, `latest` or an ISO-8601 timestamp."""
-        watermarks = self.watermarks(topic)
+    def start_offsets(
+        self, topic: str, start_position: str, watermarks: dict[int, tuple[int, int]] | None = None
+    ) -> dict[int, int]:
+        """Per partition, the first offset to process for `earliest`, `latest` or an ISO-8601 timestamp
+        (`watermarks`: the topic's, when the caller has just read them)."""
+        watermarks = self.watermarks(topic) if watermarks is None else watermarks
         if start_position in ("earliest", "latest"):
             return {p: (low if start_position == "earliest" else high) for p, (low, high) in watermarks.items()}
         timestamp_ms = int(datetime.fromisoformat(start_position).timestamp() * 1000)

@@ -66,7 +66,7 @@ def build_offsets_sensor(pipeline: Pipeline, settings: Settings, job: dg.JobDefi
         new_partitions = [p for p in watermarks if str(p) not in known and ledger_ends.get(p) is None]
         start_offsets = None
         if new_partitions and settings.start_position not in ("earliest", "latest"):
-            start_offsets = reader.start_offsets(topic, settings.start_position)
+            start_offsets = reader.start_offsets(topic, settings.start_position, watermarks)
         plan = plan_tick(
             cursor,
             topic,

@@ -79,7 +79,7 @@ def pending_ranges(
     topic = pipeline.topic
     watermarks = reader.watermarks(topic)
     ledgers = run_records.read_ledger(instance, pipeline.job_name, topic)
-    start_offsets = reader.start_offsets(topic, start_position)
+    start_offsets = reader.start_offsets(topic, start_position, watermarks)
     ranges: list[OffsetRange] = []
     fresh: dict[int, tuple[int, int]] = {}
     for partition, (low, high) in watermarks.items():
