@@ -23,8 +23,10 @@ FETCH_BYTES = 1_048_576  # fetched from a partition at a time, and queued at mos
 
 # Group offsets are committed through one admin client per configuration, kept for the life of the process: a
 # new client's first commit waits 65-70 ms for the group coordinator (found and connected to), a kept one's
-# takes about 7 ms. An admin client, not a consumer: an idle consumer with a group id looks for its coordinator
-# every 50 ms while the broker is away, logging each failed connection; an admin client connects on demand.
+# takes about 7 ms; a run has the coordinator looked up when it starts reading (prepare_group_commit), so even
+# its process's first commit finds it. An admin client, not a consumer: an idle consumer with a group id looks
+# for its coordinator every 50 ms while the broker is away, logging each failed connection; an admin client
+# connects on demand.
 _group_offset_clients: dict[tuple[tuple[str, str], ...], AdminClient] = {}
 _group_offset_clients_lock = threading.Lock()
 
@@ -192,16 +194,27 @@ class KafkaReader:
                 raise KafkaException(error)
         return position
 
-    def commit_group_offset(self, offset_range: OffsetRange) -> None:
-        """Commit `end` for the consumer group, only so external lag tools see progress."""
+    def _group_offsets_client(self) -> AdminClient:
+        """The process's admin client for this Kafka, created on first use."""
         config = {"bootstrap.servers": self.bootstrap_servers, "log_level": 4, **self.extra_config}
         key = tuple(sorted((name, str(value)) for name, value in config.items()))
         with _group_offset_clients_lock:
             client = _group_offset_clients.get(key)
             if client is None:
                 client = _group_offset_clients[key] = AdminClient(config)
+            return client
+
+    def prepare_group_commit(self) -> None:
+        """Look up the group's coordinator in the background (the group's offsets asked, the answer ignored), so
+        that the commit at the end of a run finds the client connected to it."""
+        self._group_offsets_client().list_consumer_group_offsets([ConsumerGroupTopicPartitions(self.consumer_group)])
+
+    def commit_group_offset(self, offset_range: OffsetRange) -> None:
+        """Commit `end` for the consumer group, only so external lag tools see progress."""
         position = TopicPartition(offset_range.topic, offset_range.partition, offset_range.end)
-        requests = client.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(self.consumer_group, [position])])
+        requests = self._group_offsets_client().alter_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(self.consumer_group, [position])]
+        )
         for committed in requests[self.consumer_group].result().topic_partitions:
             if committed.error is not None:
                 raise KafkaException(committed.error)
