@@ -73,9 +73,8 @@ def test_group_commits_land_through_one_kept_client(base_settings: Settings) -> 
             [position] = consumer.committed([TopicPartition(topic, 0)], timeout=10)
             return position.offset
 
-    readers[0].prepare_group_commit()  # the coordinator looked up ahead; a group without offsets yet
     for reader, end in [(readers[0], 4), (readers[1], 10), (readers[0], 7)]:
-        reader.prepare_group_commit()
+        reader.prepare_group_commit()  # the first time, for a group without offsets yet
         reader.commit_group_offset(OffsetRange(topic, 0, 0, end))
         assert committed() == end
     # Readers of one Kafka share the process's client, whatever their group.
