@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,8 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import polars as pl
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from clickhouse_etl.core.collector import collections_paused
 from clickhouse_etl.core.processes import return_free_heap
@@ -20,15 +18,6 @@ from clickhouse_etl.core.ranges import OffsetRange, split_range
 
 COLUMN_CHUNK = 65_536  # messages turned into polars columns at a time while a range is read
 FETCH_BYTES = 1_048_576  # fetched from a partition at a time, and queued at most (see KafkaReader._config)
-
-# Group offsets are committed through one admin client per configuration, kept for the life of the process: a
-# new client's first commit waits 65-70 ms for the group coordinator (found and connected to), a kept one's
-# takes about 7 ms; a run has the coordinator looked up when it starts reading (prepare_group_commit), so even
-# its process's first commit finds it. An admin client, not a consumer: an idle consumer with a group id looks
-# for its coordinator every 50 ms while the broker is away, logging each failed connection; an admin client
-# connects on demand.
-_group_offset_clients: dict[tuple[tuple[str, str], ...], AdminClient] = {}
-_group_offset_clients_lock = threading.Lock()
 
 
 class OffsetGapError(RuntimeError):
@@ -194,30 +183,13 @@ class KafkaReader:
                 raise KafkaException(error)
         return position
 
-    def _group_offsets_client(self) -> AdminClient:
-        """The process's admin client for this Kafka, created on first use."""
-        config = {"bootstrap.servers": self.bootstrap_servers, "log_level": 4, **self.extra_config}
-        key = tuple(sorted((name, str(value)) for name, value in config.items()))
-        with _group_offset_clients_lock:
-            client = _group_offset_clients.get(key)
-            if client is None:
-                client = _group_offset_clients[key] = AdminClient(config)
-            return client
-
-    def prepare_group_commit(self) -> None:
-        """Look up the group's coordinator in the background (the group's offsets asked, the answer ignored), so
-        that the commit at the end of a run finds the client connected to it."""
-        self._group_offsets_client().list_consumer_group_offsets([ConsumerGroupTopicPartitions(self.consumer_group)])
-
     def commit_group_offset(self, offset_range: OffsetRange) -> None:
         """Commit `end` for the consumer group, only so external lag tools see progress."""
-        position = TopicPartition(offset_range.topic, offset_range.partition, offset_range.end)
-        requests = self._group_offsets_client().alter_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(self.consumer_group, [position])]
-        )
-        for committed in requests[self.consumer_group].result().topic_partitions:
-            if committed.error is not None:
-                raise KafkaException(committed.error)
+        with self.consumer() as consumer:
+            consumer.commit(
+                offsets=[TopicPartition(offset_range.topic, offset_range.partition, offset_range.end)],
+                asynchronous=False,
+            )
 
     def start_offsets(
         self, topic: str, start_position: str, watermarks: dict[int, tuple[int, int]] | None = None

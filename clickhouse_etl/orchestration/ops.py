@@ -87,7 +87,6 @@ def read(
     one_window = offset_range.size <= loading.INSERT_WINDOW
     store = WindowStore(None) if one_window else WindowStore(scratch.folder, limits.window_memory_bytes)
     reader = kafka.reader(declared.consumer_group)
-    reader.prepare_group_commit()  # found while the run works, not when its commit waits for it
     try:
         raw = Windows.write(store, "raw", reader.read_windows(offset_range, loading.INSERT_WINDOW))
     except (OffsetGapError, OffsetRangeError) as error:

@@ -1,6 +1,6 @@
 """The reader returns exactly a range's messages whatever lies beyond it, and reads a record batch larger than
-its fetch size whole: the consumer fetches ahead of the range in pieces of FETCH_BYTES. Group commits land
-through the client a process keeps for them, and start offsets come from watermarks already read."""
+its fetch size whole: the consumer fetches ahead of the range in pieces of FETCH_BYTES. Start offsets come
+from watermarks already read."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import os
 
 import polars as pl
 import pytest
-from confluent_kafka import Producer, TopicPartition
+from confluent_kafka import Producer
 
-from clickhouse_etl.clients import kafka
 from clickhouse_etl.clients.kafka import FETCH_BYTES, KafkaReader
 from clickhouse_etl.core.ranges import OffsetRange
 from clickhouse_etl.core.settings import Settings
@@ -59,31 +58,6 @@ def test_ranges_read_exactly_around_a_batch_larger_than_a_fetch(base_settings: S
     assert values_of(2_999, 3_002, window=1) == values[2_999:3_002]  # the large message alone in its window
     assert values_of(3_000, 3_001) == [large]
     assert values_of(0, len(values), window=2_048) == values
-
-
-def test_group_commits_land_through_one_kept_client(base_settings: Settings) -> None:
-    topic = new_topic(base_settings, "commits", partitions=2)
-    _produce(base_settings, topic, [b"{}"] * 10)
-    group = f"{topic}-group"
-    readers = [KafkaReader(base_settings.kafka_bootstrap_servers, consumer_group=group) for _ in range(2)]
-    watcher = KafkaReader(base_settings.kafka_bootstrap_servers, consumer_group=group)
-
-    def committed() -> int:
-        with watcher.consumer() as consumer:
-            [position] = consumer.committed([TopicPartition(topic, 0)], timeout=10)
-            return position.offset
-
-    for reader, end in [(readers[0], 4), (readers[1], 10), (readers[0], 7)]:
-        reader.prepare_group_commit()  # the first time, for a group without offsets yet
-        reader.commit_group_offset(OffsetRange(topic, 0, 0, end))
-        assert committed() == end
-    # Readers of one Kafka share the process's client, whatever their group.
-    clients = dict(kafka._group_offset_clients)
-    KafkaReader(base_settings.kafka_bootstrap_servers, consumer_group=f"{group}-other").commit_group_offset(
-        OffsetRange(topic, 1, 0, 3)
-    )
-    assert committed() == 7
-    assert kafka._group_offset_clients == clients
 
 
 def test_start_offsets_from_watermarks_already_read(base_settings: Settings) -> None:
