@@ -7,6 +7,7 @@ from datetime import UTC
 
 import dagster as dg
 import pytest
+from confluent_kafka import TopicPartition
 
 from clickhouse_etl.core.pipeline.model import Pipeline
 from clickhouse_etl.core.settings import Settings
@@ -15,7 +16,7 @@ from clickhouse_etl.orchestration import tags
 from clickhouse_etl.orchestration.resources import resources_from_settings
 from clickhouse_etl.orchestration.run_records import read_ledger
 from clickhouse_etl.orchestration.sensors import build_offsets_sensor
-from clickhouse_etl.tools.catchup import run_range
+from clickhouse_etl.tools.catchup import kafka_reader, run_range
 
 from .conftest import configure
 from .helpers import (
@@ -114,6 +115,12 @@ def test_exact_content_for_every_kind_of_input(
     assert len({instance.get_run_by_id(run_id).tags[tags.PID] for run_id in report.runs}) == 2
     assert_matches_reference(settings, pipeline)
     assert_every_offset_accounted(pipeline, instance, 30_000)
+    # Lag tools see every offset processed: the consumer group's offsets are the partitions' ends.
+    reader = kafka_reader(settings, pipeline)
+    ends = {partition: high for partition, (_, high) in reader.watermarks(pipeline.topic).items()}
+    with reader.consumer() as consumer:
+        group = consumer.committed([TopicPartition(pipeline.topic, partition) for partition in ends], timeout=10)
+    assert {position.partition: position.offset for position in group} == ends
     # Nothing left: a second catch-up finds no range to run.
     assert run_catch_up(settings, pipeline, instance).ranges == []
 
