@@ -2,10 +2,14 @@
 time a restart takes to load them — measured on a scratch redis-server started with the stack's options.
 
     python -m clickhouse_etl.dev.claims_cost [--claims 1000000] [--batches 3] [--restart] [--options "..."]
+        [--previous-bucket]
 
 Each batch claims `--claims` new keys through the project's claim client, then the same keys again (all
-duplicates). Redis CPU is read from `INFO cpu` (all its threads) around each call; the append-only file's
-rewrites run in a forked child, whose CPU is reported apart. `--options` adds redis-server options (e.g.
+duplicates). With `--previous-bucket`, as many claims of other keys as all the batches make are first written
+one TTL earlier: every claim call then also looks the keys up in the previous bucket, as it does in steady
+state, from a pipeline's second TTL on (a fresh Redis, and the first TTL, have no previous bucket). Redis CPU
+is read from `INFO cpu` (all its threads) around each call; the append-only file's rewrites run in a forked
+child, whose CPU is reported apart. `--options` adds redis-server options (e.g.
 `--appendfsync always`, `--io-threads 2 --io-threads-do-reads yes`) to compare forms side by side.
 """
 
@@ -23,6 +27,8 @@ import redis
 
 from clickhouse_etl.clients import claims
 from clickhouse_etl.dev.redis_server import SERVER_OPTIONS, RedisServer
+
+TTL_SECONDS = 86_400  # the default dedup TTL
 
 
 def _cpu(client: redis.Redis) -> tuple[float, float]:
@@ -59,6 +65,7 @@ def measure(
     restart: bool,
     namespace: str = "ce:dedup:ad_clicks",
     integer_positions: bool = False,
+    previous_bucket: bool = False,
 ) -> dict[str, object]:
     home = Path(tempfile.mkdtemp(prefix="claims-cost-"))
     server = RedisServer("127.0.0.1", port, home, options=SERVER_OPTIONS + options)
@@ -71,7 +78,14 @@ def measure(
             "options": " ".join(options),
             "namespace": namespace,
             "claims_per_batch": claim_count,
+            "previous_bucket": previous_bucket,
         }
+        if previous_bucket:
+            earlier = pl.int_range(0, claim_count * batches, eager=True).cast(pl.String)
+            claims.claim(
+                url, namespace, "p7f3a9-" + earlier, "0:" + earlier, TTL_SECONDS, 10, now=time.time() - TTL_SECONDS
+            )
+            memory_before = client.info("memory")["used_memory"]
         per_claim: dict[str, list[float]] = {"new": [], "duplicate": []}
         seconds: dict[str, list[float]] = {"new": [], "duplicate": []}
         for batch in range(batches):
@@ -86,7 +100,7 @@ def measure(
             for kind in ("new", "duplicate"):
                 before, _ = _cpu(client)
                 started = time.perf_counter()
-                owners = claims.claim(url, namespace, keys, positions, 86_400, wait_seconds=10)
+                owners = claims.claim(url, namespace, keys, positions, TTL_SECONDS, wait_seconds=10)
                 seconds[kind].append(round(time.perf_counter() - started, 2))
                 after, _ = _cpu(client)
                 expected_new = claim_count if kind == "new" else 0
@@ -126,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--restart", action="store_true", help="also time restarts: as written, after a rewrite")
     parser.add_argument("--namespace", default="ce:dedup:ad_clicks", help="the claims' namespace (prefix:topic)")
     parser.add_argument("--integer-positions", action="store_true", help="owners as one integer, not p:o")
+    parser.add_argument(
+        "--previous-bucket", action="store_true", help="claims one TTL earlier first: the steady state's lookups"
+    )
     args = parser.parse_args(argv)
     figures = measure(
         args.claims,
@@ -135,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         args.restart,
         args.namespace,
         args.integer_positions,
+        args.previous_bucket,
     )
     print(json.dumps(figures, indent=1))
 

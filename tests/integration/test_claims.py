@@ -8,10 +8,14 @@ import time
 import uuid
 
 import polars as pl
+import pytest
 import redis
 
 from clickhouse_etl.clients import claims
 from clickhouse_etl.core.settings import Settings
+from clickhouse_etl.dev import claims_cost
+
+from .helpers import free_port
 
 TTL = 600
 
@@ -89,3 +93,14 @@ def test_claim_hashes_are_hash_tables_from_their_first_claim(base_settings: Sett
     client = redis.Redis.from_url(url)
     hashes = list(client.scan_iter(match=f"{namespace}:*", count=1_000))
     assert hashes and {client.object("encoding", name) for name in hashes} == {b"hashtable"}
+
+
+@pytest.mark.parametrize("previous_bucket", [False, True])
+def test_claims_cost_measures_the_first_ttl_or_the_steady_state(base_settings: Settings, previous_bucket: bool) -> None:
+    """`clickhouse_etl.dev.claims_cost --previous-bucket` claims in a bucket whose previous one holds claims, so
+    that every call also looks there, as from a pipeline's second TTL on; without it, in the first bucket alone."""
+    figures = claims_cost.measure(2_000, 2, free_port(), (), restart=False, previous_bucket=previous_bucket)
+    assert figures["previous_bucket"] is previous_bucket
+    assert figures["hashes"] == (2 if previous_bucket else 1) * claims.SHARDS
+    for kind in ("redis_cpu_us_per_new_claim", "redis_cpu_us_per_duplicate"):
+        assert len(figures[kind]) == 2 and all(value > 0 for value in figures[kind])
