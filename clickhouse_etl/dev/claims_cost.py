@@ -9,8 +9,8 @@ duplicates). With `--previous-bucket`, as many claims of other keys as all the b
 one TTL earlier: every claim call then also looks the keys up in the previous bucket, as it does in steady
 state, from a pipeline's second TTL on (a fresh Redis, and the first TTL, have no previous bucket). Redis CPU
 is read from `INFO cpu` (all its threads) around each call; the append-only file's rewrites run in a forked
-child, whose CPU is reported apart. `--options` adds redis-server options (e.g.
-`--appendfsync always`, `--io-threads 2 --io-threads-do-reads yes`) to compare forms side by side.
+child, whose CPU is reported apart. `--options` adds redis-server options (e.g. `--appendfsync always`,
+`--io-threads 2 --io-threads-do-reads yes`) to compare forms side by side.
 """
 
 from __future__ import annotations
