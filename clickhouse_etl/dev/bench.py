@@ -10,7 +10,9 @@ the end-to-end rate is read against; and the naive baseline, which processes the
 hand-written services do: one Redis SET NX and one PostgreSQL lookup per lookup per event, the network rules,
 and a batched insert.
 With `--prefill-rows N` the pipeline's tables first get N rows of its demo data (dev/prefill.py), so the
-catch-up runs against a store that already holds what a long-lived deployment's would.
+catch-up runs against a store that already holds what a long-lived deployment's would; with `--prefill-claims
+N` the claim store holds N claims one TTL old (dev/claims_prefill.py), so its claims cost what they do in a
+deployment's steady state.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from clickhouse_etl.core.pipeline.loading import write_pipeline_file
 from clickhouse_etl.core.pipeline.model import Lookup, Pipeline
 from clickhouse_etl.core.pipeline.types import FieldType
 from clickhouse_etl.core.settings import Settings, settings_environment
+from clickhouse_etl.dev.claims_prefill import ClaimsPrefill, prefill_claims
 from clickhouse_etl.dev.datasets import dataset_for
 from clickhouse_etl.dev.pass_through import PassThroughError, PassThroughResult, run_pass_through
 from clickhouse_etl.dev.prefill import PrefillReport, prefill_store, store_size
@@ -73,6 +76,7 @@ class BenchResult:
     baseline_seconds: float = 0.0
     pass_through: PassThroughResult | None = None
     prefill: PrefillReport | None = None
+    claims_prefill: ClaimsPrefill | None = None
     store_rows: int = 0  # rows of the pipeline's table before the catch-up, every topic's
     store_parts: int = 0  # its active parts then
     topic: str = ""  # the bench's own, fresh topic
@@ -123,6 +127,7 @@ class BenchResult:
             "pass_through": self.pass_through.as_json() if self.pass_through else None,
             "ratio_to_pass_through": _rounded(self.ratio_to_pass_through, 3),
             "prefill": self.prefill.as_json() if self.prefill else None,
+            "claims_prefill": self.claims_prefill.as_json() if self.claims_prefill else None,
             "store_before": {"rows": self.store_rows, "active_parts": self.store_parts},
         }
 
@@ -137,8 +142,13 @@ class BenchResult:
                 if self.prefill
                 else ""
             ),
-            f"{'stage':<10} {'seconds':>9} {'events/s':>12}",
         ]
+        if self.claims_prefill:
+            lines.append(
+                f"claim store before the catch-up: {self.claims_prefill.claims:,} claims one TTL old (prefilled in "
+                f"{self.claims_prefill.seconds:.1f} s): every claim call also reads their bucket"
+            )
+        lines.append(f"{'stage':<10} {'seconds':>9} {'events/s':>12}")
         for name, sec in self.stages.items():
             rate = f"{self.events / sec:,.0f}" if sec else "-"
             lines.append(f"{name:<10} {sec:>9.3f} {rate:>12}")
@@ -424,11 +434,18 @@ def run_bench(
     say: Callable[[str], None] = print,
     pass_through: bool = True,
     prefill_rows: int = 0,
+    prefill_claim_count: int = 0,
 ) -> BenchResult:
     settings = with_empty_claim_store(settings)
     dataset = dataset_for(pipeline.name)
     prefill, store_rows, store_parts = prepare_store(settings, pipeline, prefill_rows, partitions, say)
     bench_pipeline = pipeline.with_topic(f"bench_{uuid.uuid4().hex[:10]}")
+    claims_prefill = None
+    if prefill_claim_count:
+        say(f"prefilling the claim store with {prefill_claim_count} claims one TTL old…")
+        claims_prefill = prefill_claims(
+            settings.redis_url, bench_pipeline, prefill_claim_count, settings.claims_wait_seconds
+        )
     create_topic(settings, bench_pipeline.topic, partitions)
     say(f"producing {events} {pipeline.name} events to {bench_pipeline.topic} ({partitions} partitions)…")
     generate = dataset.generator(dataset.bench_shares)
@@ -456,6 +473,7 @@ def run_bench(
         cpu_seconds=measure.cpu_seconds,
         loaded=loaded,
         prefill=prefill,
+        claims_prefill=claims_prefill,
         store_rows=store_rows,
         store_parts=store_parts,
         topic=bench_pipeline.topic,

@@ -26,7 +26,7 @@ import polars as pl
 import redis
 
 from clickhouse_etl.clients import claims
-from clickhouse_etl.dev.redis_server import SERVER_OPTIONS, RedisServer
+from clickhouse_etl.dev.redis_server import SERVER_OPTIONS, RedisServer, wait_for_aof_rewrite
 
 TTL_SECONDS = 86_400  # the default dedup TTL
 
@@ -37,14 +37,6 @@ def _cpu(client: redis.Redis) -> tuple[float, float]:
         cpu["used_cpu_user"] + cpu["used_cpu_sys"],
         cpu["used_cpu_user_children"] + cpu["used_cpu_sys_children"],
     )
-
-
-def _wait_for_rewrite(client: redis.Redis) -> None:
-    while True:
-        persistence = client.info("persistence")
-        if not persistence.get("aof_rewrite_in_progress") and not persistence.get("aof_rewrite_scheduled"):
-            return
-        time.sleep(0.1)
 
 
 def _restart(server: RedisServer, pid: int) -> tuple[int, dict[str, object]]:
@@ -107,7 +99,7 @@ def measure(
                 if owners.null_count() != expected_new:
                     raise RuntimeError(f"{kind} batch {batch}: {owners.null_count()} new claims")
                 per_claim[kind].append(round((after - before) / claim_count * 1e6, 2))
-        _wait_for_rewrite(client)
+        wait_for_aof_rewrite(client)
         total = claim_count * batches
         persistence = client.info("persistence")
         figures["redis_cpu_us_per_new_claim"] = per_claim["new"]
@@ -121,9 +113,9 @@ def measure(
         if restart:
             pid, figures["restart_as_written"] = _restart(server, pid)
             client = redis.Redis(port=port)
-            _wait_for_rewrite(client)
+            wait_for_aof_rewrite(client)
             client.bgrewriteaof()
-            _wait_for_rewrite(client)
+            wait_for_aof_rewrite(client)
             pid, figures["restart_after_a_rewrite"] = _restart(server, pid)
         return figures
     finally:

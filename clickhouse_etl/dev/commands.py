@@ -76,8 +76,11 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
     from clickhouse_etl.dev.bench import BenchError, print_result, run_bench
 
     [pipeline] = chosen_pipelines(settings, args, one=True)
-    if args.prefill_rows < 0:
-        raise UsageError(f"--prefill-rows must be 0 or more, not {args.prefill_rows}")
+    for option, value in (("--prefill-rows", args.prefill_rows), ("--prefill-claims", args.prefill_claims)):
+        if value < 0:
+            raise UsageError(f"{option} must be 0 or more, not {value}")
+    if args.prefill_claims and pipeline.dedup is None:
+        raise UsageError(f"--prefill-claims: pipeline {pipeline.name} has no dedup section, so it makes no claims")
     ensure_pipeline_tables(settings, [pipeline])
     say = (lambda _: None) if args.json else print
     try:
@@ -90,6 +93,7 @@ def _bench(settings: Settings, args: argparse.Namespace) -> int:
             say,
             pass_through=args.pass_through,
             prefill_rows=args.prefill_rows,
+            prefill_claim_count=args.prefill_claims,
         )
     except BenchError as error:
         print(f"clickhouse-etl bench: {error}", file=sys.stderr)
@@ -164,6 +168,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         default=0,
         metavar="N",
         help="first load N rows of demo data into the pipeline's tables, as a long-lived store holds (default 0)",
+    )
+    bench.add_argument(
+        "--prefill-claims",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first make N claims one dedup TTL old, so claims cost what they do after a deployment's first TTL",
     )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(handler=_bench)

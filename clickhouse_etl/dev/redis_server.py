@@ -18,8 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clickhouse_etl.core.processes import process_alive
+
+if TYPE_CHECKING:
+    import redis
 
 # The claims must survive a restart: every write goes to the append-only file, flushed to disk every second
 # (a crash of the machine, not of Redis, may lose the last second). The file starts with an RDB snapshot of
@@ -226,3 +230,12 @@ def stop_process(pid: int, timeout: float) -> None:
     if process_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def wait_for_aof_rewrite(client: redis.Redis) -> None:
+    """Return once the server neither rewrites its append-only file nor has a rewrite scheduled."""
+    while True:
+        persistence = client.info("persistence")
+        if not persistence.get("aof_rewrite_in_progress") and not persistence.get("aof_rewrite_scheduled"):
+            return
+        time.sleep(0.1)

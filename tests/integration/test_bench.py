@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 
+import polars as pl
 import pytest
+import redis
 
+from clickhouse_etl.clients import claims
 from clickhouse_etl.clients.clickhouse import clickhouse_session
 from clickhouse_etl.core.pipeline.columns import columns_of
 from clickhouse_etl.core.pipeline.model import Pipeline
 from clickhouse_etl.core.settings import Settings
+from clickhouse_etl.dev.bench import bench_redis_url
+from clickhouse_etl.steps.dedup import claim_namespace
 from clickhouse_etl.steps.verify import compare_view
 from clickhouse_etl.tools.catchup import kafka_reader
 
@@ -22,7 +27,7 @@ def test_bench_checks_counts_and_reports_every_figure(settings: Settings, pipeli
     result = cli(
         settings,
         *("bench", "--events", "20000", "--partitions", "2", "--baseline-events", "2000", "--json"),
-        *("--prefill-rows", "30000"),
+        *("--prefill-rows", "30000", "--prefill-claims", "50000"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
@@ -67,6 +72,17 @@ def test_bench_checks_counts_and_reports_every_figure(settings: Settings, pipeli
             for window in aggregate.aggregate.windows:
                 check = compare_view(client, "analytics", pipeline.sink.table, aggregate, window)
                 assert check.passed and check.windows_compared > 1_000, check.mismatches[:3]
+
+    # The claims prefill: one TTL old, under the bench topic's namespace, in a bucket of its own (the previous
+    # one of every claim call), none of them an event's (the counts above were exact).
+    assert figures["claims_prefill"]["claims"] == 50_000
+    claim_store = redis.Redis.from_url(bench_redis_url(settings.redis_url))
+    namespace = claim_namespace(pipeline.dedup_key_prefix, figures["topic"])
+    hashes = claim_store.scan_iter(match=f"{namespace}:*", count=1_000)
+    buckets = sorted({int(name.decode().rpartition(":")[2]) for name in hashes})
+    assert len(buckets) == 2  # the prefill's, and the catch-up's a TTL later
+    [shard] = claims.shards_of(pl.Series(["prefill-0"])).tolist()
+    assert claim_store.hget(claims.hash_key(namespace, shard, buckets[0]), "prefill-0") == b"0:0"
 
     text = cli(
         settings, "bench", "--events", "5000", "--partitions", "1", "--baseline-events", "0", "--no-pass-through"
