@@ -6,8 +6,9 @@ time a restart takes to load them — measured on a scratch redis-server started
 
 Each batch claims `--claims` new keys through the project's claim client, then the same keys again (all
 duplicates). With `--previous-bucket`, as many claims of other keys as all the batches make are first written
-one TTL earlier: every claim call then also looks the keys up in the previous bucket, as it does in steady
-state, from a pipeline's second TTL on (a fresh Redis, and the first TTL, have no previous bucket). Redis CPU
+one TTL earlier (and the append-only file rewrite they start waited for): every claim call then also looks
+the keys up in the previous bucket, as it does in steady state, from a pipeline's second TTL on (a fresh
+Redis, and the first TTL, have no previous bucket). Redis CPU
 is read from `INFO cpu` (all its threads) around each call; the append-only file's rewrites run in a forked
 child, whose CPU is reported apart. `--options` adds redis-server options (e.g. `--appendfsync always`,
 `--io-threads 2 --io-threads-do-reads yes`) to compare forms side by side.
@@ -26,6 +27,7 @@ import polars as pl
 import redis
 
 from clickhouse_etl.clients import claims
+from clickhouse_etl.dev.claims_prefill import claim_a_ttl_ago
 from clickhouse_etl.dev.redis_server import SERVER_OPTIONS, RedisServer, wait_for_aof_rewrite
 
 TTL_SECONDS = 86_400  # the default dedup TTL
@@ -73,10 +75,7 @@ def measure(
             "previous_bucket": previous_bucket,
         }
         if previous_bucket:
-            earlier = pl.int_range(0, claim_count * batches, eager=True).cast(pl.String)
-            claims.claim(
-                url, namespace, "p7f3a9-" + earlier, "0:" + earlier, TTL_SECONDS, 10, now=time.time() - TTL_SECONDS
-            )
+            claim_a_ttl_ago(url, namespace, claim_count * batches, TTL_SECONDS, wait_seconds=10)
             memory_before = client.info("memory")["used_memory"]
         per_claim: dict[str, list[float]] = {"new": [], "duplicate": []}
         seconds: dict[str, list[float]] = {"new": [], "duplicate": []}
