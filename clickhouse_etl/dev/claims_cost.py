@@ -8,10 +8,10 @@ Each batch claims `--claims` new keys through the project's claim client, then t
 duplicates). With `--previous-bucket`, as many claims of other keys as all the batches make are first written
 one TTL earlier (and the append-only file rewrite they start waited for): every claim call then also looks
 the keys up in the previous bucket, as it does in steady state, from a pipeline's second TTL on (a fresh
-Redis, and the first TTL, have no previous bucket). Redis CPU
-is read from `INFO cpu` (all its threads) around each call; the append-only file's rewrites run in a forked
-child, whose CPU is reported apart. `--options` adds redis-server options (e.g. `--appendfsync always`,
-`--io-threads 2 --io-threads-do-reads yes`) to compare forms side by side.
+Redis, and the first TTL, have no previous bucket). Redis CPU is read from `INFO cpu` (all its threads)
+around each call; the append-only file's rewrites run in a forked child, whose CPU is reported apart.
+`--options` adds redis-server options (e.g. `--appendfsync always`, `--io-threads 2 --io-threads-do-reads
+yes`) to compare forms side by side.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import polars as pl
 import redis
 
 from clickhouse_etl.clients import claims
+from clickhouse_etl.core.pipeline.model import Dedup
 from clickhouse_etl.dev.claims_prefill import claim_a_ttl_ago
 from clickhouse_etl.dev.redis_server import SERVER_OPTIONS, RedisServer, wait_for_aof_rewrite
 
-TTL_SECONDS = 86_400  # the default dedup TTL
+TTL_SECONDS: int = Dedup.model_fields["ttl_seconds"].default  # a pipeline's when its file names none
 
 
 def _cpu(client: redis.Redis) -> tuple[float, float]:
@@ -67,6 +68,8 @@ def measure(
     try:
         client = redis.Redis(port=port)
         url = f"redis://127.0.0.1:{port}/0"
+        if previous_bucket:
+            claim_a_ttl_ago(url, namespace, claim_count * batches, TTL_SECONDS, wait_seconds=10)
         memory_before = client.info("memory")["used_memory"]
         figures: dict[str, object] = {
             "options": " ".join(options),
@@ -74,9 +77,6 @@ def measure(
             "claims_per_batch": claim_count,
             "previous_bucket": previous_bucket,
         }
-        if previous_bucket:
-            claim_a_ttl_ago(url, namespace, claim_count * batches, TTL_SECONDS, wait_seconds=10)
-            memory_before = client.info("memory")["used_memory"]
         per_claim: dict[str, list[float]] = {"new": [], "duplicate": []}
         seconds: dict[str, list[float]] = {"new": [], "duplicate": []}
         for batch in range(batches):
